@@ -1,0 +1,1 @@
+"""Accelerated drop-in modules (filled in by the kernel issues)."""
