@@ -143,6 +143,8 @@ class NitroARConfig(_BackboneConfig):
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
             raise ValueError(f"variant must be one of {VARIANTS}, got {self.variant!r}")
+        if self.variant == "gan":
+            self.global_head = False  # only the joint variant has a global-token path
         if self.variant == "joint_gan" and self.diffloss_w % 64:
             raise ValueError(f"the transformer head uses heads of 64 channels; diffloss_w={self.diffloss_w}")
         self._validate_backbone()
@@ -190,8 +192,6 @@ class NitroARConfig(_BackboneConfig):
             kwargs.pop(name, None)
         if kwargs:
             raise ValueError(f"unknown official Nitro-AR constructor arguments: {sorted(kwargs)}")
-        if variant == "gan":
-            mapped.pop("global_head", None)
         # Arguments left out take the official constructor's defaults, as the official code would.
         mapped.setdefault("caption_channels", 4096)
         mapped.setdefault("diffloss_d", 3)
