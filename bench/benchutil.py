@@ -1,7 +1,23 @@
 """Helpers shared by the benchmark modules (imported as ``benchutil``; bench/ is on sys.path)."""
+import os
+import subprocess
+from typing import Callable, Optional, Tuple
+
 import torch
 
 ON_GPU = torch.cuda.is_available()
+
+# Dense bf16 tensor-core peak (TFLOP/s) and memory bandwidth (GB/s) per device, from the
+# vendors' data sheets; matched by a substring of the device name.
+PEAKS = {
+    "MI325X": (1307.0, 6000.0),
+    "MI300X": (1307.0, 5300.0),
+    "MI250X": (383.0, 3277.0),
+    "H200": (989.0, 4800.0),
+    "H100": (989.0, 3350.0),
+    "A100": (312.0, 2039.0),
+    "L40S": (362.0, 864.0),
+}
 
 
 def bench_device() -> torch.device:
@@ -9,7 +25,20 @@ def bench_device() -> torch.device:
     return torch.device("cuda") if ON_GPU else torch.device("cpu")
 
 
-def synchronized(fn, device: torch.device):
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def device_peaks(device: torch.device) -> Optional[Tuple[float, float]]:
+    """(TFLOP/s, GB/s) peaks of the device, or None when unknown (CPU, unlisted GPUs)."""
+    name = device_name(device)
+    for key, peaks in PEAKS.items():
+        if key in name:
+            return peaks
+    return None
+
+
+def synchronized(fn: Callable, device: torch.device) -> Callable:
     """Wrap ``fn`` so each call waits for the device: pytest-benchmark then times real work."""
     if device.type != "cuda":
         return fn
@@ -20,3 +49,20 @@ def synchronized(fn, device: torch.device):
         return out
 
     return run
+
+
+def count_flops(fn: Callable) -> int:
+    """FLOPs of one call of ``fn``, counted by torch's FlopCounterMode (matmuls, convs, SDPA)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=os.path.dirname(__file__), check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
