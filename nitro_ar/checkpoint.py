@@ -237,6 +237,15 @@ def load_model(cls, path: PathLike, config=None, *, dtype=None, device=None, var
     return model.eval()
 
 
+def _standalone(tensor: torch.Tensor) -> torch.Tensor:
+    """A CPU tensor owning exactly its storage (safetensors refuses views into shared storage,
+    e.g. the fused q/k/v weights of an accelerated model)."""
+    tensor = tensor.detach().cpu()
+    if not tensor.is_contiguous() or tensor.untyped_storage().nbytes() != tensor.numel() * tensor.element_size():
+        tensor = tensor.clone(memory_format=torch.contiguous_format)
+    return tensor
+
+
 def write_safetensors_atomic(tensors: Dict[str, torch.Tensor], file: PathLike, metadata: Optional[dict] = None) -> None:
     """Write a safetensors file through a temporary file in the same directory and an atomic
     rename, so an interrupted write never leaves a truncated checkpoint behind."""
@@ -247,7 +256,7 @@ def write_safetensors_atomic(tensors: Dict[str, torch.Tensor], file: PathLike, m
     fd, tmp = tempfile.mkstemp(prefix=f".{file.name}.", suffix=".tmp", dir=file.parent)
     os.close(fd)
     try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        save_file({k: _standalone(v) for k, v in tensors.items()}, tmp, metadata=metadata)
         os.replace(tmp, file)
     except BaseException:
         if os.path.exists(tmp):

@@ -61,6 +61,21 @@ class _BackboneConfig:
     def interpolation_scale(self) -> int:
         return max(self.sample_size // 16, 1)
 
+    def position_table(self, *, full: bool = False, device=None):
+        """The 2-D sin-cos position table of this backbone: (1, grid^2, D) float32, or the whole
+        (1, max_size^2, D) table with ``full`` (Nitro-E stores it)."""
+        from .layers import sincos_pos_table
+
+        return sincos_pos_table(
+            self.inner_dim,
+            self.grid_size,
+            max_size=self.pos_embed_max_size,
+            base_size=self.pos_base_size,
+            interpolation_scale=self.interpolation_scale,
+            full=full,
+            device=device,
+        )
+
     def asa_for_block(self, index: int) -> Tuple[int, int]:
         pattern = self.asa_pattern  # type: ignore[attr-defined]
         return pattern[index % len(pattern)]

@@ -16,7 +16,7 @@ from torch import nn
 from .layers import RMSNorm, TimestepEmbedder, modulate, sincos_pos_table
 from .schedules import FlowSchedule, euler_step, head_schedule
 
-__all__ = ["MLPHead", "TransformerHead", "FlowHead", "sample_head"]
+__all__ = ["MLPHead", "TransformerHead", "FlowHead", "sample_head", "euler_sample"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -192,6 +192,16 @@ class FlowHead(nn.Module):
         self.net = net
 
 
+def check_head_inputs(z: torch.Tensor, noise: torch.Tensor, cfg: float) -> None:
+    """ValueError unless ``noise`` has the rows and shape that conditions ``z`` call for."""
+    guided = cfg != 1.0
+    if guided and z.shape[0] % 2:
+        raise ValueError(f"with cfg != 1, z must hold [uncond; cond] rows (an even count), got {z.shape[0]}")
+    rows = z.shape[0] // 2 if guided else z.shape[0]
+    if noise.shape[0] != rows or noise.shape[1:-1] != z.shape[1:-1]:
+        raise ValueError(f"noise {tuple(noise.shape)} does not fit conditions z {tuple(z.shape)} (cfg={cfg})")
+
+
 def sample_head(
     net: nn.Module,
     z: torch.Tensor,
@@ -211,12 +221,16 @@ def sample_head(
     Returns:
         Sampled tokens, like ``noise``, in ``z.dtype``.
     """
+    fast_sample = getattr(net, "sample", None)
+    if fast_sample is not None:  # accelerated heads (nitro_ar.fast) bring their own loop
+        return fast_sample(z, noise, schedule, cfg)
+    return euler_sample(net, z, noise, schedule, cfg)
+
+
+def euler_sample(net: nn.Module, z: torch.Tensor, noise: torch.Tensor, schedule: FlowSchedule, cfg: float = 1.0) -> torch.Tensor:
+    """The reference Euler loop of :func:`sample_head` (arguments and result alike)."""
+    check_head_inputs(z, noise, cfg)
     guided = cfg != 1.0
-    rows = z.shape[0] // 2 if guided else z.shape[0]
-    if guided and z.shape[0] % 2:
-        raise ValueError(f"with cfg != 1, z must hold [uncond; cond] rows (an even count), got {z.shape[0]}")
-    if noise.shape[0] != rows or noise.shape[1:-1] != z.shape[1:-1]:
-        raise ValueError(f"noise {tuple(noise.shape)} does not fit conditions z {tuple(z.shape)} (cfg={cfg})")
     x = noise.to(device=z.device, dtype=z.dtype)
     timesteps = schedule.timesteps.to(z.device)
     for i in range(len(schedule)):

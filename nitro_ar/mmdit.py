@@ -152,33 +152,33 @@ class JointTransformerBlock(nn.Module):
             mod = adaln_affine(temb, self.scale_shift_bias, self.scale_shift_scale)
         return mod.chunk(6, dim=1)
 
+    @staticmethod
+    def _pre_attention(x: torch.Tensor, norm: nn.Module, mod) -> torch.Tensor:
+        h = norm(x)
+        return h if mod is None else modulate(h, mod[0], mod[1])
+
+    @staticmethod
+    def _post_attention(x: torch.Tensor, attn: torch.Tensor, norm: nn.Module, ff: nn.Module, mod) -> torch.Tensor:
+        """x + gate * attn, then x + gate * FF(modulate(norm(x)))."""
+        x = x + (attn if mod is None else mod[2] * attn)
+        h = norm(x)
+        if mod is not None:
+            h = modulate(h, mod[3], mod[4])
+        h = ff(h)
+        return x + (h if mod is None else mod[5] * h)
+
     def forward(
         self, x: torch.Tensor, c: torch.Tensor, temb: Optional[torch.Tensor] = None
     ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """x (B, Li, D), c (B, Lt, D), temb (B, 6D) or None -> (x, c or None for the last block)."""
         mod_x, mod_c = self.modulation(temb, False), self.modulation(temb, True)
-        nx = self.norm1(x)
-        nc = self.norm1_context(c)
-        if mod_x is not None:
-            nx = modulate(nx, mod_x[0], mod_x[1])
-        if mod_c is not None:
-            nc = modulate(nc, mod_c[0], mod_c[1])
-        attn_x, attn_c = self.attn(nx, nc, self.asa)
-        x = x + (attn_x if mod_x is None else mod_x[2] * attn_x)
-        nx = self.norm2(x)
-        if mod_x is not None:
-            nx = modulate(nx, mod_x[3], mod_x[4])
-        ff = self.ff(nx)
-        x = x + (ff if mod_x is None else mod_x[5] * ff)
+        attn_x, attn_c = self.attn(
+            self._pre_attention(x, self.norm1, mod_x), self._pre_attention(c, self.norm1_context, mod_c), self.asa
+        )
+        x = self._post_attention(x, attn_x, self.norm2, self.ff, mod_x)
         if self.context_pre_only:
             return x, None
-        c = c + (attn_c if mod_c is None else mod_c[2] * attn_c)
-        nc = self.norm2_context(c)
-        if mod_c is not None:
-            nc = modulate(nc, mod_c[3], mod_c[4])
-        ff = self.ff_context(nc)
-        c = c + (ff if mod_c is None else mod_c[5] * ff)
-        return x, c
+        return x, self._post_attention(c, attn_c, self.norm2_context, self.ff_context, mod_c)
 
 
 class GELUTanh(nn.Module):
@@ -254,6 +254,10 @@ class EMMDiTTrunk(nn.Module, abc.ABC):
                 index += 1
             groups.append(blocks)
         return groups
+
+    def build_buffers(self, device: torch.device, dtype: torch.dtype) -> None:
+        """Recompute the (non-persistent) position-reinforcement table, e.g. after a meta-device load."""
+        self.pos_embed_lv0 = self.config.position_table(device=device).to(dtype)
 
     @abc.abstractmethod
     def compress(self, h: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,7 @@ from torch import nn
 from .checkpoint import PretrainedMixin
 from .config import NitroARConfig
 from .heads import FlowHead, MLPHead, TransformerHead, head_steps_schedule, sample_head
-from .layers import RMSNorm, sincos_pos_table
+from .layers import RMSNorm
 from .mmdit import EMMDiTTrunk, GELUTanh, compress_tokens, reconstruct_tokens, shuffle_body
 from .schedules import cfg_for_step, mar_mask_len, step_head_counts
 from .utils import check_tensor
@@ -64,7 +64,7 @@ class NitroAR(EMMDiTTrunk, PretrainedMixin):
             self.global_z_proj = nn.Sequential(nn.Linear(dim, dim), nn.SiLU(), nn.Linear(dim, dim))
             if config.global_head:
                 self.diffloss_global = FlowHead(self._make_head())
-        self.register_buffer("pos_embed_lv0", self.position_table(), persistent=False)
+        self.register_buffer("pos_embed_lv0", config.position_table(), persistent=False)
 
     # ------------------------------------------------------------------ construction helpers
     def _make_head(self) -> nn.Module:
@@ -72,21 +72,6 @@ class NitroAR(EMMDiTTrunk, PretrainedMixin):
         if cfg.variant == "gan":
             return MLPHead(cfg.out_channels, cfg.diffloss_w, cfg.diffloss_d, cfg.inner_dim)
         return TransformerHead(cfg.out_channels, cfg.diffloss_w, cfg.diffloss_d, cfg.inner_dim, grid=cfg.grid_size)
-
-    def position_table(self, device: Optional[torch.device] = None) -> torch.Tensor:
-        cfg = self.config
-        return sincos_pos_table(
-            cfg.inner_dim,
-            cfg.grid_size,
-            max_size=cfg.pos_embed_max_size,
-            base_size=cfg.pos_base_size,
-            interpolation_scale=cfg.interpolation_scale,
-            device=device,
-        )
-
-    def build_buffers(self, device: torch.device, dtype: torch.dtype) -> None:
-        """Recompute the (non-persistent) position tables, e.g. after a meta-device load."""
-        self.pos_embed_lv0 = self.position_table(device).to(dtype)
 
     @property
     def seq_len(self) -> int:

@@ -12,7 +12,7 @@ from torch import nn
 
 from .checkpoint import PretrainedMixin
 from .config import NitroEConfig
-from .layers import sincos_pos_table, timestep_embedding
+from .layers import timestep_embedding
 from .mmdit import EMMDiTTrunk, GELUTanh, compress_tokens, reconstruct_tokens, shuffle_body
 from .schedules import euler_step, flow_schedule
 from .utils import check_tensor
@@ -31,15 +31,7 @@ class PatchEmbed(nn.Module):
         p = config.patch_size
         self.max_size = config.pos_embed_max_size
         self.proj = nn.Conv2d(config.in_channels, config.inner_dim, kernel_size=p, stride=p)
-        table = sincos_pos_table(
-            config.inner_dim,
-            config.grid_size,
-            max_size=self.max_size,
-            base_size=config.pos_base_size,
-            interpolation_scale=config.interpolation_scale,
-            full=True,
-        )
-        self.register_buffer("pos_embed", table)
+        self.register_buffer("pos_embed", config.position_table(full=True))
 
     def forward(self, latents: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> (B, H*W / p^2, D) with the position table added."""
@@ -121,22 +113,7 @@ class NitroE(EMMDiTTrunk, PretrainedMixin):
         self.tokenreconstructor = nn.ModuleList([nn.ModuleList([TokenReconstructor(dim)])])
         self.norm_out = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.proj_out = nn.Linear(dim, config.patch_size**2 * config.out_channels)
-        self.register_buffer("pos_embed_lv0", self.position_table(), persistent=False)
-
-    def position_table(self, device: Optional[torch.device] = None) -> torch.Tensor:
-        cfg = self.config
-        return sincos_pos_table(
-            cfg.inner_dim,
-            cfg.grid_size,
-            max_size=cfg.pos_embed_max_size,
-            base_size=cfg.pos_base_size,
-            interpolation_scale=cfg.interpolation_scale,
-            device=device,
-        )
-
-    def build_buffers(self, device: torch.device, dtype: torch.dtype) -> None:
-        """Recompute the (non-persistent) position-reinforcement table after a meta-device load."""
-        self.pos_embed_lv0 = self.position_table(device).to(dtype)
+        self.register_buffer("pos_embed_lv0", config.position_table(), persistent=False)
 
     def compress(self, h: torch.Tensor) -> torch.Tensor:
         comp = self.tokencompressor[0][0]
