@@ -13,12 +13,12 @@ import torch
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
-# Subcommands that hand their arguments to another module's ``main(argv) -> int``.
+# Subcommands that hand their arguments to another module's entry point ``fn(argv) -> int``.
 DELEGATED = {
-    "train": ("nitro_ar.train", "train or fine-tune on precomputed shards (see README)"),
-    "precompute": ("nitro_ar.data", "build training shards from images + captions"),
-    "autotune": ("nitro_ar.kernels.tuning", "tune kernel configs on this GPU and persist them"),
-    "bench": ("nitro_ar.bench", "run the benchmark suite and print the speed-up table"),
+    "train": ("nitro_ar.train", "main", "train or fine-tune on precomputed shards (see README)"),
+    "precompute": ("nitro_ar.data", "precompute_main", "build training shards from images + captions"),
+    "autotune": ("nitro_ar.kernels.tuning", "main", "tune kernel configs on this GPU and persist them"),
+    "bench": ("nitro_ar.bench", "main", "run the benchmark suite and print the speed-up table"),
 }
 
 
@@ -147,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--device")
     info.set_defaults(func=cmd_info)
 
-    for name, (_, text) in DELEGATED.items():
+    for name, (_, _, text) in DELEGATED.items():
         tool = sub.add_parser(name, help=text, add_help=False)
         tool.add_argument("args", nargs=argparse.REMAINDER)
     return parser
@@ -156,8 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] in DELEGATED:
-        module = importlib.import_module(DELEGATED[argv[0]][0])
-        return int(module.main(argv[1:]) or 0)
+        module_name, function, _ = DELEGATED[argv[0]]
+        return int(getattr(importlib.import_module(module_name), function)(argv[1:]) or 0)
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     from .checkpoint import CheckpointError
