@@ -1,0 +1,74 @@
+"""End to end: backbone + head sampling (text encoder and VAE excluded), reference vs fast.
+
+Columns (``impl``): "eager" (the reference), "compile" (torch.compile of the reference networks,
+GPU only: on CPU the inductor build alone takes minutes), "fast" (``nitro_ar.fast.accelerate``
+without graphs) and "fast+graphs" (GPU only). Released full-size configs at batch 1 (latency)
+and 32 (throughput) on a GPU; reduced configs at batch 1 on CPU, said in ``extra_info``.
+"""
+import pytest
+import torch
+
+import nitro_ar.fast
+from benchutil import ON_GPU, count_flops, device_peaks, synchronized
+from nitro_ar import NitroAR, NitroARConfig, NitroE, NitroEConfig
+
+REDUCED = dict(num_attention_heads=2, attention_head_dim=32, caption_projection_dim=64, caption_channels=48)
+FAMILIES = ["gan", "joint_gan", "nitro_e"]
+BATCHES = [1, 32] if ON_GPU else [1]
+IMPLS = ["eager", "fast"] + (["compile", "fast+graphs"] if ON_GPU else [])
+
+
+def build(family: str, device: torch.device):
+    """(model, text width, sampling kwargs): released sampling settings on GPU; on CPU fewer steps."""
+    if family == "nitro_e":
+        cfg = NitroEConfig() if ON_GPU else NitroEConfig(**REDUCED)
+        model, kwargs = NitroE(cfg), dict(steps=20 if ON_GPU else 4, cfg=4.5)
+    else:
+        extra = {} if ON_GPU else dict(REDUCED, diffloss_w=128, diffloss_d=2)
+        cfg = NitroARConfig.for_variant(family, **extra)
+        model = NitroAR(cfg)
+        kwargs = dict(cfg=4.0) if ON_GPU or family == "joint_gan" else dict(cfg=4.0, ar_steps=8)
+    dtype = torch.bfloat16 if ON_GPU else torch.float32
+    return model.to(device=device, dtype=dtype).eval(), cfg.caption_channels, kwargs
+
+
+def prepare(model, impl: str):
+    if impl in ("fast", "fast+graphs"):
+        nitro_ar.fast.accelerate(model, graphs=impl == "fast+graphs")
+    elif impl == "compile":
+        mode = "max-autotune-no-cudagraphs"
+        if isinstance(model, NitroAR):
+            model.diffloss.net = torch.compile(model.diffloss.net, mode=mode, dynamic=True)
+            model.backbone = torch.compile(model.backbone, mode=mode)
+        else:
+            model.forward = torch.compile(model.forward, mode=mode)
+    return model
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("batch", BATCHES)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_generate(benchmark, device, family, batch, impl):
+    model, width, kwargs = build(family, device)
+    text = torch.randn(batch, 128 if ON_GPU else 16, width, device=device, dtype=model.dtype)
+    uncond = torch.randn(1, text.shape[1], width, device=device, dtype=model.dtype)
+
+    def run():
+        return model.generate(text, uncond, generator=torch.Generator(device).manual_seed(0), **kwargs)
+
+    flops = count_flops(run)  # of the reference, before any swap
+    reference = run()
+    prepare(model, impl)
+    benchmark.group = f"e2e {family} batch {batch}"
+    out = benchmark.pedantic(synchronized(run, device), rounds=5 if ON_GPU else 2, iterations=1, warmup_rounds=1)
+    seconds = benchmark.stats.stats.mean
+    peaks = device_peaks(device)
+    benchmark.extra_info.update(
+        impl=impl, config="full size" if ON_GPU else "reduced (CPU)", batch=batch, sampling=kwargs,
+        backend=nitro_ar.fast.backend_of(model) or "reference", tflops=round(flops / seconds / 1e12, 3),
+        images_per_s=round(batch / seconds, 3),
+        peak_fraction=round(flops / seconds / 1e12 / peaks[0], 4) if peaks else None,
+    )
+    # Same numbers as the reference: fp32 rounding on CPU, bf16 rounding (relative norm) on GPU.
+    error = (out.float() - reference.float()).norm() / reference.float().norm()
+    assert error < (5e-2 if ON_GPU else 1e-4), f"{impl} differs from the reference by {error:.2e}"

@@ -1,0 +1,142 @@
+"""Accelerated E-MMDiT block: fused q/k/v GEMMs, fused norm + modulation + gated residual,
+and the fused joint attention with ASA. Same parameters and state-dict keys as the reference
+classes they replace (they subclass them; :func:`nitro_ar.fast.accelerate` swaps the class).
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..mmdit import JointAttention, JointTransformerBlock
+from . import ops
+
+
+def fuse_linears_(linears: Sequence[nn.Linear]) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Re-home the weights (and biases) of ``linears`` into one contiguous buffer each, in
+    place, and return the fused (out_total, in) weight and (out_total,) bias.
+
+    The parameters stay the same objects (views into the fused storage), so optimisers,
+    ``state_dict`` keys and values are unchanged and no weight is stored twice.
+    """
+    with torch.no_grad():
+        weight = torch.cat([lin.weight for lin in linears])
+        bias = torch.cat([lin.bias for lin in linears]) if linears[0].bias is not None else None
+        start = 0
+        for lin in linears:
+            rows = lin.weight.shape[0]
+            lin.weight.data = weight[start : start + rows]
+            if bias is not None:
+                lin.bias.data = bias[start : start + rows]
+            start += rows
+    return weight, bias
+
+
+class FusedLinear:
+    """One GEMM for several ``nn.Linear`` sharing an input (q/k/v of a stream).
+
+    Without gradients it uses the fused storage made by :func:`fuse_linears_` (re-made if the
+    module moved, e.g. after ``.to()``); while training it concatenates the live parameters so
+    autograd reaches each of them.
+    """
+
+    def __init__(self, linears: Sequence[nn.Linear]):
+        self.linears = list(linears)
+        self.weight, self.bias = fuse_linears_(self.linears)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        params = [lin.weight for lin in self.linears]
+        if torch.is_grad_enabled() and any(p.requires_grad for p in params):
+            bias = torch.cat([lin.bias for lin in self.linears]) if self.bias is not None else None
+            return F.linear(x, torch.cat(params), bias)
+        if params[0].data_ptr() != self.weight.data_ptr() or params[0].dtype != self.weight.dtype:
+            self.weight, self.bias = fuse_linears_(self.linears)
+        return F.linear(x, self.weight, self.bias)
+
+
+def feed_forward(ff: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``FeedForward`` without the per-submodule call overhead: Linear, GELU(tanh), Linear."""
+    up, down = ff.net[0].proj, ff.net[2]
+    return F.linear(F.gelu(F.linear(x, up.weight, up.bias), approximate="tanh"), down.weight, down.bias)
+
+
+class FastJointAttention(JointAttention):
+    """:class:`JointAttention` with one q/k/v GEMM per stream and the fused attention kernel."""
+
+    backend: str = "torch"
+
+    def prepare_fast(self, backend: str) -> None:
+        self.backend = backend
+        self.qkv_img = FusedLinear([self.to_q, self.to_k, self.to_v])
+        self.qkv_txt = FusedLinear([self.add_q_proj, self.add_k_proj, self.add_v_proj])
+
+    def release_fast(self) -> None:
+        for name in ("backend", "qkv_img", "qkv_txt"):
+            self.__dict__.pop(name, None)
+
+    def forward(self, hidden: torch.Tensor, context: torch.Tensor, asa: Tuple[int, int] = (1, 1)):
+        heads, head_dim = self.heads, self.head_dim
+        q, k, v = self.qkv_img(hidden).unflatten(-1, (3, heads, head_dim)).unbind(2)
+        cq, ck, cv = self.qkv_txt(context).unflatten(-1, (3, heads, head_dim)).unbind(2)
+        norms = None if self.norm_q is None else (self.norm_q, self.norm_k, self.norm_added_q, self.norm_added_k)
+        eps = self.norm_q.eps if norms is not None else 1e-6
+        out_img, out_txt = ops.joint_attention(
+            q, k, v, cq, ck, cv, groups=asa[0], group_len=asa[1], qk_norms=norms, eps=eps,
+            text_output=not self.context_pre_only, backend=self.backend,
+        )
+        out_img = self.to_out[0](out_img.flatten(-2))
+        out_txt = None if self.context_pre_only else self.to_add_out(out_txt.flatten(-2))
+        return out_img, out_txt
+
+
+class FastJointTransformerBlock(JointTransformerBlock):
+    """:class:`JointTransformerBlock` with each "gate, add, norm, modulate" step fused.
+
+    Per stream: norm1 (+ AdaLN-affine shift/scale computed in the kernel); attention; one fused
+    ``x + gate * attn`` -> norm2 -> modulate producing both the residual stream and the FF
+    input; FF; gated residual.
+    """
+
+    backend: str = "torch"
+
+    def prepare_fast(self, backend: str) -> None:
+        self.backend = backend
+
+    def release_fast(self) -> None:
+        self.__dict__.pop("backend", None)
+
+    def _adaln(self, temb: Optional[torch.Tensor], context: bool, chunks: Tuple[Optional[int], ...]):
+        from ..kernels.modulated_norm import AdaLNAffine
+
+        if not self.adaln or (context and self.context_pre_only):
+            return None
+        bias, scale = (
+            (self.scale_shift_bias_c, self.scale_shift_scale_c) if context else (self.scale_shift_bias, self.scale_shift_scale)
+        )
+        shift_chunk, scale_chunk, gate_chunk = chunks
+        return AdaLNAffine(temb, bias, scale, shift_chunk=shift_chunk, scale_chunk=scale_chunk, gate_chunk=gate_chunk)
+
+    def _stream(self, x, temb, context: bool):
+        """Pre-attention norm of one stream: (B, L, D) -> (B, L, D)."""
+        norm = self.norm1_context if context else self.norm1
+        return ops.modulated_norm(x, norm, backend=self.backend, adaln=self._adaln(temb, context, (0, 1, None)))
+
+    def _after_attention(self, x, attn, temb, context: bool):
+        """x + gate * attn -> norm2 -> modulate -> FF -> gated residual."""
+        norm, ff = (self.norm2_context, self.ff_context) if context else (self.norm2, self.ff)
+        adaln = self._adaln(temb, context, (3, 4, 2))
+        x, h = ops.modulated_norm(x, norm, backend=self.backend, residual=attn, adaln=adaln)
+        h = feed_forward(ff, h)
+        if adaln is None:
+            return x + h
+        gate = self.modulation(temb, context)[5]
+        return torch.addcmul(x, gate, h)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor, temb: Optional[torch.Tensor] = None):
+        attn_x, attn_c = self.attn(self._stream(x, temb, False), self._stream(c, temb, True), self.asa)
+        x = self._after_attention(x, attn_x, temb, False)
+        if self.context_pre_only:
+            return x, None
+        return x, self._after_attention(c, attn_c, temb, True)

@@ -1,0 +1,175 @@
+"""nitro_ar.fast: swapping drop-ins in and out, parity with the reference, fallback, graph bookkeeping."""
+import warnings
+
+import pytest
+import torch
+
+import nitro_ar.fast as fast
+from factories import TEXT_WIDTH, tiny_ar, tiny_e
+from nitro_ar.fast.graphs import GraphCache, _Entry, disable_graphs, enable_graphs
+from nitro_ar.mmdit import JointTransformerBlock
+
+# One block per group keeps the interpreter runs short; all code paths are still taken.
+SHORT = dict(block_groups=(1, 1, 1))
+
+
+def _text(batch, seed=0, length=16):
+    return torch.randn(batch, length, TEXT_WIDTH, generator=torch.Generator().manual_seed(seed))
+
+
+def _close(a, b, tol=1e-4):
+    assert torch.allclose(a, b, atol=tol, rtol=tol), (a - b).abs().max().item()
+
+
+def _same_samples(a, b, tol=1e-5):
+    """Sampled latents agree to fp32 rounding, relative to their size (AR sampling feeds each
+    step's rounding into the next steps, and random reduced models give large latents)."""
+    error = ((a - b).norm() / b.norm()).item()
+    assert error < tol, error
+
+
+def test_accelerate_swaps_and_restore_brings_back():
+    model = tiny_ar("gan")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ref_types = [type(m) for m in model.modules()]
+    assert fast.accelerate(model, backend="torch") is model
+    assert fast.backend_of(model) == "torch"
+    assert all(type(b) is fast.FastJointTransformerBlock for g in model.block_groups for b in g)
+    assert model.state_dict().keys() == before.keys()
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+    fast.restore(model)
+    assert [type(m) for m in model.modules()] == ref_types and not fast.is_accelerated(model)
+    assert type(model.block_groups[0][0]) is JointTransformerBlock
+
+
+def test_reference_backend_leaves_model_untouched():
+    model = tiny_ar("gan")
+    fast.accelerate(model, backend="reference")
+    assert not fast.is_accelerated(model)
+
+
+def test_accelerated_model_saves_the_reference_checkpoint(tmp_path):
+    from safetensors.torch import load_file
+
+    model = tiny_ar("joint_gan")
+    model.save_official(tmp_path / "ref.safetensors")
+    fast.accelerate(model, backend="torch")
+    with torch.no_grad():
+        model.backbone(torch.randn(1, 256, 32), _text(1))  # uses the fused q/k/v storage
+    model.save_official(tmp_path / "fast.safetensors")
+    ref, acc = load_file(str(tmp_path / "ref.safetensors")), load_file(str(tmp_path / "fast.safetensors"))
+    assert ref.keys() == acc.keys() and all(torch.equal(ref[k], acc[k]) for k in ref)
+
+
+@pytest.mark.parametrize("backend", ["torch", "interpret"])
+@pytest.mark.parametrize("variant", ["gan", "joint_gan"])
+def test_backbone_parity(backend, variant):
+    model = tiny_ar(variant, **SHORT)
+    tokens, text = torch.randn(2, 256, 32), _text(2)
+    with torch.no_grad():
+        ref = model.backbone(tokens, text)
+        fast.accelerate(model, backend=backend)
+        _close(model.backbone(tokens, text), ref)
+
+
+@pytest.mark.parametrize("backend", ["torch", "interpret"])
+def test_nitro_e_parity_with_asa(backend):
+    model = tiny_e(**SHORT, asa_pattern=((4, 1), (4, 4), (1, 1)))
+    lat, text, t = torch.randn(2, 32, 16, 16), _text(2), torch.tensor([999.0, 3.5])
+    with torch.no_grad():
+        ref = model(lat, text, t)
+        fast.accelerate(model, backend=backend)
+        _close(model(lat, text, t), ref)
+
+
+@pytest.mark.parametrize("variant,kwargs", [("gan", dict(ar_steps=4)), ("joint_gan", dict())])
+def test_generate_equals_reference_torch_backend(variant, kwargs):
+    model = tiny_ar(variant)
+    text, uncond = _text(2), _text(1, seed=1)
+    ref = model.generate(text, uncond, generator=torch.Generator().manual_seed(0), **kwargs)
+    fast.accelerate(model, backend="torch")
+    out = model.generate(text, uncond, generator=torch.Generator().manual_seed(0), **kwargs)
+    _same_samples(out, ref)
+
+
+def test_nitro_e_generate_equals_reference_torch_backend():
+    model = tiny_e()
+    text, uncond = _text(1), _text(1, seed=1)
+    ref = model.generate(text, uncond, steps=3, generator=torch.Generator().manual_seed(0))
+    fast.accelerate(model, backend="torch")
+    _same_samples(model.generate(text, uncond, steps=3, generator=torch.Generator().manual_seed(0)), ref)
+
+
+def test_training_gradients_match_reference():
+    model = tiny_ar("gan", **SHORT)
+    tokens, text = torch.randn(1, 256, 32), _text(1)
+    model.backbone(tokens, text).square().mean().backward()
+    ref = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    fast.accelerate(model, backend="interpret")
+    model.backbone(tokens, text).square().mean().backward()
+    for name, grad in ref.items():
+        _close(dict(model.named_parameters())[name].grad, grad, 1e-3)
+
+
+def test_unsupported_dtype_falls_back_with_one_warning():
+    model = tiny_ar("gan", **SHORT).double()
+    tokens, text = torch.randn(1, 256, 32, dtype=torch.float64), _text(1).double()
+    with torch.no_grad():
+        ref = model.backbone(tokens, text)
+        fast.accelerate(model, backend="interpret")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            out = model.backbone(tokens, text)
+            model.backbone(tokens, text)
+    messages = [str(w.message) for w in caught if "falls back to torch" in str(w.message)]
+    assert messages and all("float64" in m for m in messages)
+    assert len(messages) == len(set(messages))  # once per op and reason
+    _close(out, ref, 1e-9)
+
+
+def _eager_capture(fn, inputs):
+    """Stands in for a CUDA graph on CPU: static buffers in, static output replaced on replay."""
+    entry = _Entry(replay=lambda: entry.output.copy_(fn(*entry.inputs)), inputs=inputs, output=fn(*inputs))
+    return entry
+
+
+def test_graph_cache_keys_and_replays():
+    model = tiny_ar("gan")
+    text, uncond = _text(1), _text(1, seed=1)
+    ref = model.generate(text, uncond, ar_steps=4, generator=torch.Generator().manual_seed(0))
+    cache = enable_graphs(model, GraphCache(capture=_eager_capture))
+    out = model.generate(text, uncond, ar_steps=4, generator=torch.Generator().manual_seed(0))
+    _close(out, ref, 1e-6)
+    keys = list(cache.entries)
+    assert sum(k[0] == "backbone" for k in keys) == 1  # one shape for every AR step
+    head_keys = [k for k in keys if k[0] == "head"]
+    assert len(head_keys) == len({k[-1][0] for k in head_keys}) == 4  # one per predicted-row count
+    captures = cache.captures
+    model.generate(text, uncond, ar_steps=4, generator=torch.Generator().manual_seed(0))
+    assert cache.captures == captures and cache.replays >= 2 * 8
+    disable_graphs(model)
+    assert "backbone" not in model.__dict__ and "sample" not in model.diffloss.net.__dict__
+
+
+def test_graph_capture_failure_falls_back_to_eager():
+    def failing_capture(fn, inputs):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    model = tiny_ar("joint_gan")
+    text, uncond = _text(1), _text(1, seed=1)
+    ref = model.generate(text, uncond, generator=torch.Generator().manual_seed(0))
+    enable_graphs(model, GraphCache(capture=failing_capture))
+    with pytest.warns(RuntimeWarning, match="graph capture failed"):
+        out = model.generate(text, uncond, generator=torch.Generator().manual_seed(0))
+    _close(out, ref, 1e-6)
+
+
+def test_graphs_for_nitro_e_forward():
+    model = tiny_e()
+    text = _text(1)
+    ref = model.generate(text, steps=2, cfg=1.0, generator=torch.Generator().manual_seed(0))
+    cache = enable_graphs(model, GraphCache(capture=_eager_capture))
+    out = model.generate(text, steps=2, cfg=1.0, generator=torch.Generator().manual_seed(0))
+    _close(out, ref, 1e-6)
+    assert [k[0] for k in cache.entries] == ["forward"] and cache.replays == 2
