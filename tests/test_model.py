@@ -8,7 +8,9 @@ import torch.nn.functional as F
 from factories import TEXT_WIDTH, tiny_ar, tiny_ar_config, tiny_e
 from nitro_ar import NitroAR, NitroARConfig, NitroE, NitroEConfig
 
-REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
+# Copies of shared/reference/official_keys_*.txt: every tensor name and shape of the official
+# checkpoints (the last line holds the parameter count).
+REFERENCE = Path(__file__).resolve().parent / "data"
 
 
 def official_listing(name):
