@@ -60,7 +60,7 @@ def test_generate(benchmark, device, family, batch, impl):
     reference = run()
     prepare(model, impl)
     benchmark.group = f"e2e {family} batch {batch}"
-    out = benchmark.pedantic(synchronized(run, device), rounds=5 if ON_GPU else 2, iterations=1, warmup_rounds=1)
+    out = benchmark.pedantic(synchronized(run, device), rounds=5, iterations=1, warmup_rounds=1)
     seconds = benchmark.stats.stats.mean
     peaks = device_peaks(device)
     benchmark.extra_info.update(

@@ -105,7 +105,7 @@ def test_head_sampling(benchmark, device, kind, case, impl):
         with torch.no_grad():
             return [sample_head(net, z, noise, steps, CFG) for z, noise, steps in calls]
 
-    benchmark.group = f"head-{kind}"
+    benchmark.group = f"head {kind} {case}"
     benchmark.extra_info.update(
         impl=impl, config="full (bf16)" if ON_GPU else "reduced (CPU, fp32)", width=WIDTH, depth=DEPTH,
         rows=[z.shape[0] * (z.shape[1] if z.dim() == 3 else 1) for z, _, _ in calls], head_steps=len(calls[0][2]),

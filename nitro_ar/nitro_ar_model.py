@@ -117,7 +117,7 @@ class NitroAR(EMMDiTTrunk, PretrainedMixin):
         """
         self._require_joint("global_backbone")
         self._check_text(text)
-        tokens = self.mask_token.expand(text.shape[0], 1, -1)
+        tokens = self.mask_token.repeat(text.shape[0], 1, 1)
         h = self.z_proj_ln(self.x_proj(tokens))
         h, _ = self.run_group(0, h, self.context_embedder(text), None)
         return self.global_z_proj(h)

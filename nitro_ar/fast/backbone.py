@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..layers import asa_group, asa_ungroup
 from ..mmdit import JointAttention, JointTransformerBlock
 from . import ops
 
@@ -76,7 +77,28 @@ class FastJointAttention(JointAttention):
         for name in ("backend", "qkv_img", "qkv_txt"):
             self.__dict__.pop(name, None)
 
+    def _torch_inference(self, hidden: torch.Tensor, context: torch.Tensor, asa: Tuple[int, int]):
+        """Torch backend without gradients: group the two (B, L, D) inputs once (not six q/k/v
+        tensors), normalise q and k in place in the fused projection output, and build the
+        joint sequence with one concatenation; outputs are projected, then ungrouped."""
+        groups, group_len = asa
+        heads, head_dim = self.heads, self.head_dim
+        qkv_img = self.qkv_img(asa_group(hidden, groups, group_len)).unflatten(-1, (3, heads, head_dim))
+        qkv_txt = self.qkv_txt(asa_group(context, groups, group_len)).unflatten(-1, (3, heads, head_dim))
+        if self.norm_q is not None:
+            for qkv, norm_q, norm_k in ((qkv_img, self.norm_q, self.norm_k), (qkv_txt, self.norm_added_q, self.norm_added_k)):
+                q, k = ops.qk_rms_norm(qkv[:, :, 0], qkv[:, :, 1], norm_q, norm_k)
+                qkv[:, :, 0], qkv[:, :, 1] = q, k
+        q, k, v = torch.cat([qkv_img, qkv_txt], dim=1).transpose(1, 3).unbind(2)  # (B s, H, L / s, d) each
+        out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(-2)
+        split = qkv_img.shape[1]
+        out_img = asa_ungroup(self.to_out[0](out[:, :split]), groups, group_len)
+        out_txt = None if self.context_pre_only else asa_ungroup(self.to_add_out(out[:, split:]), groups, group_len)
+        return out_img, out_txt
+
     def forward(self, hidden: torch.Tensor, context: torch.Tensor, asa: Tuple[int, int] = (1, 1)):
+        if self.backend not in ops.KERNEL_BACKENDS and not torch.is_grad_enabled():
+            return self._torch_inference(hidden, context, asa)
         heads, head_dim = self.heads, self.head_dim
         q, k, v = self.qkv_img(hidden).unflatten(-1, (3, heads, head_dim)).unbind(2)
         cq, ck, cv = self.qkv_txt(context).unflatten(-1, (3, heads, head_dim)).unbind(2)
