@@ -51,6 +51,14 @@ def synchronized(fn: Callable, device: torch.device) -> Callable:
     return run
 
 
+def measure(benchmark, run: Callable, cpu_rounds: int = 5) -> None:
+    """GPU: let pytest-benchmark calibrate (kernels take microseconds); CPU: a few quick rounds."""
+    if ON_GPU:
+        benchmark(run)
+    else:
+        benchmark.pedantic(run, rounds=cpu_rounds, warmup_rounds=1)
+
+
 def count_flops(fn: Callable) -> int:
     """FLOPs of one call of ``fn``, counted by torch's FlopCounterMode (matmuls, convs, SDPA)."""
     from torch.utils.flop_counter import FlopCounterMode

@@ -16,7 +16,7 @@ import functools
 import pytest
 import torch
 import torch.nn.functional as F
-from benchutil import ON_GPU, device_name, device_peaks, synchronized
+from benchutil import ON_GPU, device_name, device_peaks, measure, synchronized
 
 from nitro_ar import layers
 from nitro_ar.kernels.joint_attention import joint_attention
@@ -85,13 +85,6 @@ def record_flops(benchmark, case, passes, device):
         if peaks:
             benchmark.extra_info["fraction_of_peak"] = round(tflops / peaks[0], 4)
 
-
-def measure(benchmark, run):
-    """GPU: let pytest-benchmark calibrate (kernels take microseconds); CPU: a few quick rounds."""
-    if ON_GPU:
-        benchmark(run)
-    else:
-        benchmark.pedantic(run, rounds=5, warmup_rounds=1)
 
 
 def case_id(case):

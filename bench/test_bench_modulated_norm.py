@@ -15,7 +15,7 @@ import functools
 
 import pytest
 import torch
-from benchutil import ON_GPU, device_name, device_peaks, synchronized
+from benchutil import ON_GPU, device_name, device_peaks, measure, synchronized
 from torch import nn
 
 from nitro_ar import layers
@@ -121,13 +121,6 @@ def record_bandwidth(benchmark, site, size, passes, device):
             benchmark.extra_info["fraction_of_peak_bandwidth"] = round(gbps / peaks[1], 3)
 
 
-def measure(benchmark, run):
-    """GPU: let pytest-benchmark calibrate (kernels take microseconds); CPU: a few quick rounds."""
-    if ON_GPU:
-        benchmark(run)
-    else:
-        benchmark.pedantic(run, rounds=10, warmup_rounds=1)
-
 
 CASES = [(site, size) for site, sizes in SITE_SIZES.items() for size in sizes]
 
@@ -144,7 +137,7 @@ def test_forward(benchmark, device, site, size, impl):
             return fn(*args)
 
     run()  # compile / warm up outside the timed rounds
-    measure(benchmark, synchronized(run, device))
+    measure(benchmark, synchronized(run, device), cpu_rounds=10)
     record_bandwidth(benchmark, site, SIZES[size], ["forward"], device)
 
 
@@ -166,5 +159,5 @@ def test_forward_backward(benchmark, device, site, size, impl):
         return torch.autograd.grad(outputs, leaves, upstream)
 
     run()
-    measure(benchmark, synchronized(run, device))
+    measure(benchmark, synchronized(run, device), cpu_rounds=10)
     record_bandwidth(benchmark, site, SIZES[size], ["forward", "backward"], device)

@@ -21,7 +21,6 @@ elements. Launch configs (CUDA and HIP lists, a default per arch) are registered
 """
 from __future__ import annotations
 
-import functools
 import math
 from typing import List, Optional, Tuple, Union
 
@@ -32,7 +31,7 @@ import triton.language as tl
 from nitro_ar.schedules import euler_step
 
 from .backend import select_backend
-from .tuning import TunableOp, get_config, register
+from .tuning import get_config, register_kernel_ops
 
 __all__ = [
     "flow_step",
@@ -191,15 +190,8 @@ def _bench_backward(shape: dict, config: dict, device: torch.device) -> float:
         grad, x.dtype, v.dtype, sigma, sigma_next, 4.0, shape["guided"], needs=(True, True), config=config))
 
 
-for _name, _bench in zip(OP_NAMES, (_bench_forward, _bench_backward)):
-    register(TunableOp(
-        name=_name,
-        configs=functools.partial(candidate_configs, _name),
-        default=functools.partial(default_config, _name),
-        shapes=tuning_shapes,
-        bucket=tuning_bucket,
-        bench=_bench,
-    ))
+register_kernel_ops(dict(zip(OP_NAMES, (_bench_forward, _bench_backward))), candidate_configs, default_config,
+                    tuning_shapes, tuning_bucket)
 
 
 # --------------------------------------------------------------------------------------------

@@ -24,7 +24,6 @@ Per-backend launch configs are registered with :mod:`nitro_ar.kernels.tuning` as
 """
 from __future__ import annotations
 
-import functools
 import math
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -36,7 +35,7 @@ import triton.language as tl
 from nitro_ar import layers
 
 from .backend import select_backend
-from .tuning import TunableOp, get_config, register
+from .tuning import get_config, register_kernel_ops
 
 __all__ = [
     "joint_attention",
@@ -534,15 +533,8 @@ def _bench_backward(shape: dict, config: dict, device: torch.device) -> float:
         groups, group_len, 1e-6, config=config))
 
 
-for _name, _bench in (("joint_attention", _bench_forward), ("joint_attention_backward", _bench_backward)):
-    register(TunableOp(
-        name=_name,
-        configs=functools.partial(candidate_configs, _name),
-        default=functools.partial(default_config, _name),
-        shapes=tuning_shapes,
-        bucket=tuning_bucket,
-        bench=_bench,
-    ))
+register_kernel_ops({"joint_attention": _bench_forward, "joint_attention_backward": _bench_backward},
+                    candidate_configs, default_config, tuning_shapes, tuning_bucket)
 
 
 # --------------------------------------------------------------------------------------------

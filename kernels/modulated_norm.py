@@ -36,7 +36,7 @@ import triton.language as tl
 from nitro_ar import layers
 
 from .backend import select_backend
-from .tuning import TunableOp, get_config, register
+from .tuning import get_config, register_kernel_ops
 
 __all__ = [
     "AdaLNAffine",
@@ -518,15 +518,8 @@ def _bench_backward(shape: dict, config: dict, device: torch.device) -> float:
         lambda: modulated_norm_backward(plan, grad_out, grad_out, *saved, needs=needs, config=config))
 
 
-for _name, _bench in (("modulated_norm", _bench_forward), ("modulated_norm_backward", _bench_backward)):
-    register(TunableOp(
-        name=_name,
-        configs=functools.partial(candidate_configs, _name),
-        default=functools.partial(default_config, _name),
-        shapes=tuning_shapes,
-        bucket=tuning_bucket,
-        bench=_bench,
-    ))
+register_kernel_ops({"modulated_norm": _bench_forward, "modulated_norm_backward": _bench_backward},
+                    candidate_configs, default_config, tuning_shapes, tuning_bucket)
 
 
 # --------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import importlib
 import json
 import logging
@@ -46,6 +47,7 @@ __all__ = [
     "SHAPE_SETS",
     "TunableOp",
     "register",
+    "register_kernel_ops",
     "registered_ops",
     "get_config",
     "cache_dir",
@@ -105,6 +107,22 @@ def register(op: TunableOp) -> TunableOp:
     """Add ``op`` to the registry (a re-imported module replaces its earlier registration)."""
     _REGISTRY[op.name] = op
     return op
+
+
+def register_kernel_ops(benches: Dict[str, Callable], candidate_configs: Callable, default_config: Callable,
+                        shapes: Callable, bucket: Callable) -> None:
+    """Register one TunableOp per (op name -> bench function) of a kernel module whose config
+    functions take the op name first: ``candidate_configs(name, vendor)``,
+    ``default_config(name, vendor, arch)``."""
+    for name, bench in benches.items():
+        register(TunableOp(
+            name=name,
+            configs=functools.partial(candidate_configs, name),
+            default=functools.partial(default_config, name),
+            shapes=shapes,
+            bucket=bucket,
+            bench=bench,
+        ))
 
 
 def registered_ops() -> Dict[str, TunableOp]:
