@@ -34,6 +34,7 @@ import triton
 import triton.language as tl
 
 from nitro_ar import layers
+from nitro_ar.layers import AdaLNAffine
 
 from .backend import select_backend
 from .tuning import get_config, register_kernel_ops
@@ -525,31 +526,6 @@ register_kernel_ops({"modulated_norm": _bench_forward, "modulated_norm_backward"
 # --------------------------------------------------------------------------------------------
 # Input checking: one plan shared by the kernel and torch paths
 # --------------------------------------------------------------------------------------------
-@dataclass(eq=False, frozen=True)
-class AdaLNAffine:
-    """Nitro-E's AdaLN-affine modulation, evaluated inside the kernel.
-
-    Chunk k of the modulation is ``bias[k] + temb.view(B, K, D)[:, k] * (1 + scale[k])`` (one
-    (D,) row per batch element). Nitro-E's order (K = 6) is shift_msa, scale_msa, gate_msa,
-    shift_mlp, scale_mlp, gate_mlp: norm1 uses ``shift_chunk=0, scale_chunk=1``; the fused
-    residual + norm2 uses ``gate_chunk=2, shift_chunk=3, scale_chunk=4``.
-
-    Attributes:
-        temb: (B, K * D) timestep projection, same dtype as x, unit stride over its last dim.
-        bias, scale: (K, D) contiguous block parameters (``scale_shift_bias``,
-            ``scale_shift_scale``), x's dtype or float32.
-        shift_chunk, scale_chunk: chunk indices of shift and scale (both or neither).
-        gate_chunk: chunk index of the residual gate, or None.
-    """
-
-    temb: torch.Tensor
-    bias: torch.Tensor
-    scale: torch.Tensor
-    shift_chunk: Optional[int] = None
-    scale_chunk: Optional[int] = None
-    gate_chunk: Optional[int] = None
-
-
 @dataclass(frozen=True)
 class _Plan:
     """What one call computes, in the canonical (B, L, D) view; passed through autograd."""

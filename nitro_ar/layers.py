@@ -8,6 +8,7 @@ that fp32 outputs match the official implementation to rounding. The Triton kern
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import torch
@@ -19,6 +20,7 @@ __all__ = [
     "layer_norm",
     "modulate",
     "adaln_affine",
+    "AdaLNAffine",
     "gated_residual_norm_modulate",
     "timestep_embedding",
     "sincos_pos_table",
@@ -75,6 +77,31 @@ def adaln_affine(temb: torch.Tensor, bias: torch.Tensor, scale: torch.Tensor) ->
     """
     batch = temb.shape[0]
     return bias[None] + temb.reshape(batch, 6, -1) * (1 + scale[None])
+
+
+@dataclass(eq=False, frozen=True)
+class AdaLNAffine:
+    """Nitro-E's AdaLN-affine modulation as an argument of the fused norm (evaluated in the kernel).
+
+    Chunk k of the modulation is ``bias[k] + temb.view(B, K, D)[:, k] * (1 + scale[k])`` (one
+    (D,) row per batch element). Nitro-E's order (K = 6) is shift_msa, scale_msa, gate_msa,
+    shift_mlp, scale_mlp, gate_mlp: norm1 uses ``shift_chunk=0, scale_chunk=1``; the fused
+    residual + norm2 uses ``gate_chunk=2, shift_chunk=3, scale_chunk=4``.
+
+    Attributes:
+        temb: (B, K * D) timestep projection, same dtype as x, unit stride over its last dim.
+        bias, scale: (K, D) contiguous block parameters (``scale_shift_bias``,
+            ``scale_shift_scale``), x's dtype or float32.
+        shift_chunk, scale_chunk: chunk indices of shift and scale (both or neither).
+        gate_chunk: chunk index of the residual gate, or None.
+    """
+
+    temb: torch.Tensor
+    bias: torch.Tensor
+    scale: torch.Tensor
+    shift_chunk: Optional[int] = None
+    scale_chunk: Optional[int] = None
+    gate_chunk: Optional[int] = None
 
 
 def gated_residual_norm_modulate(

@@ -173,3 +173,24 @@ def test_graphs_for_nitro_e_forward():
     out = model.generate(text, steps=2, cfg=1.0, generator=torch.Generator().manual_seed(0))
     _close(out, ref, 1e-6)
     assert [k[0] for k in cache.entries] == ["forward"] and cache.replays == 2
+
+
+def test_works_without_triton_installed():
+    """`import nitro_ar.fast` and the torch backend need no Triton (it is an optional dependency)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = (
+        "import sys; sys.modules['triton'] = None\n"
+        "import torch, nitro_ar.fast\n"
+        "from factories import tiny_ar, tiny_e\n"
+        "for model, kw in ((tiny_ar('gan'), dict(ar_steps=2)), (tiny_e(), dict(steps=2))):\n"
+        "    nitro_ar.fast.accelerate(model, backend='triton')\n"
+        "    assert nitro_ar.fast.backend_of(model) == 'torch'\n"
+        "    model.generate(torch.randn(1, 16, 48), torch.randn(1, 16, 48), **kw)\n"
+        "print('ok')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent, capture_output=True, text=True,
+                            env={**__import__("os").environ, "TRITON_INTERPRET": "0"})
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr

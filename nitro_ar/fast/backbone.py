@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..layers import asa_group, asa_ungroup
+from ..layers import AdaLNAffine, asa_group, asa_ungroup
 from ..mmdit import JointAttention, JointTransformerBlock
 from . import ops
 
@@ -130,8 +130,6 @@ class FastJointTransformerBlock(JointTransformerBlock):
         self.__dict__.pop("backend", None)
 
     def _adaln(self, temb: Optional[torch.Tensor], context: bool, chunks: Tuple[Optional[int], ...]):
-        from ..kernels.modulated_norm import AdaLNAffine
-
         if not self.adaln or (context and self.context_pre_only):
             return None
         bias, scale = (

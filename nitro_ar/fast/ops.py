@@ -15,7 +15,6 @@ import torch
 from torch import nn
 
 from .. import layers
-from ..kernels.backend import select_backend
 
 logger = logging.getLogger("nitro_ar")
 
@@ -29,10 +28,6 @@ def fallback_warning(op: str, reason: str) -> None:
     if (op, reason) not in _warned:
         _warned.add((op, reason))
         warnings.warn(f"nitro_ar.fast: {op} falls back to torch ({reason})", RuntimeWarning, stacklevel=3)
-
-
-def resolve_backend(backend: Optional[str], device: torch.device) -> str:
-    return select_backend(device, backend)
 
 
 def _kernel_ok(op: str, backend: str, tensors: Sequence[torch.Tensor], extra_reason: Optional[str] = None) -> bool:
@@ -73,8 +68,6 @@ def modulated_norm(
     Arguments as :func:`nitro_ar.kernels.modulated_norm.modulated_norm`, with the norm given as
     its reference module. Returns ``out`` or ``(x_new, out)`` when ``residual`` is given.
     """
-    from ..kernels.modulated_norm import modulated_norm as fused
-
     if backend not in KERNEL_BACKENDS:  # plain torch: the composition, without kernel-side checks
         return _reference_modulated_norm(x, norm, shift, scale, residual, gate, adaln)
     kind, eps, weight, bias = norm_spec(norm)
@@ -85,6 +78,8 @@ def modulated_norm(
     tensors = [t for t in (x, residual, shift, scale, gate) if t is not None]
     if not _kernel_ok("modulated_norm", backend, tensors):
         return _reference_modulated_norm(x, norm, shift, scale, residual, gate, adaln)
+    from ..kernels.modulated_norm import modulated_norm as fused
+
     return fused(x, norm=kind, eps=eps, weight=weight, bias=bias, shift=shift, scale=scale,
                  residual=residual, gate=gate, adaln=adaln, backend=backend)
 
