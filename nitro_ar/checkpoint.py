@@ -30,6 +30,7 @@ __all__ = [
     "load_model",
     "save_model",
     "write_safetensors_atomic",
+    "write_text_atomic",
     "PretrainedMixin",
 ]
 
@@ -264,7 +265,9 @@ def write_safetensors_atomic(tensors: Dict[str, torch.Tensor], file: PathLike, m
         raise
 
 
-def _write_text_atomic(text: str, file: Path) -> None:
+def write_text_atomic(text: str, file: PathLike) -> None:
+    """Write a text file through a temporary file in the same directory and an atomic rename."""
+    file = Path(file)
     fd, tmp = tempfile.mkstemp(prefix=f".{file.name}.", suffix=".tmp", dir=file.parent)
     with os.fdopen(fd, "w") as handle:
         handle.write(text)
@@ -281,7 +284,7 @@ def save_model(model: nn.Module, directory: PathLike, *, official_file: Optional
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     write_safetensors_atomic(state, directory / WEIGHTS_NAME, metadata={"format": "pt", "nitro_ar": model.config.model_type})
-    _write_text_atomic(model.config.to_json(), directory / CONFIG_NAME)
+    write_text_atomic(model.config.to_json(), directory / CONFIG_NAME)
     return directory
 
 

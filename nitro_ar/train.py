@@ -32,7 +32,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from .checkpoint import CheckpointError, read_state_dict, write_safetensors_atomic
+from .checkpoint import CheckpointError, read_state_dict, write_safetensors_atomic, write_text_atomic
 from .config import NitroARConfig
 from .data import DatasetError, PairDataset
 from .nitro_ar_model import NitroAR
@@ -290,12 +290,6 @@ def _set_rng_state(state: Dict[str, torch.Tensor]) -> None:
     cuda = [state[k] for k in sorted(state) if k.startswith("cuda")]
     if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(cuda)
-
-
-def _write_text_atomic(text: str, file: Path) -> None:
-    tmp = file.with_name(f".{file.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, file)
 
 
 class EMA:
@@ -654,7 +648,7 @@ class Trainer:
             if final.exists():
                 shutil.rmtree(final)
             os.replace(partial, final)
-            _write_text_atomic(name, self.ckpt_root / LATEST)
+            write_text_atomic(name, self.ckpt_root / LATEST)
             self._prune_checkpoints(keep=final)
             logger.info("saved checkpoint %s", final)
         acc.wait_for_everyone()
