@@ -79,6 +79,25 @@ def _pick(is_img, img_value, txt_value):
 
 
 @triton.jit
+def _query_block(pid_bgh, pid_m, len_img, len_txt, num_heads,
+                 GROUPS: tl.constexpr, GROUP_LEN: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Decode a program of the (batch, group, head) x query-block grid (image blocks first):
+    its batch, group and head, each stream's group length, whether it holds image queries, and
+    the stream positions (with validity) of its BLOCK_M queries."""
+    batch = pid_bgh // (GROUPS * num_heads)
+    group = (pid_bgh // num_heads) % GROUPS
+    head = pid_bgh % num_heads
+    group_img = len_img // GROUPS
+    group_txt = len_txt // GROUPS
+    img_blocks = tl.cdiv(group_img, BLOCK_M)
+    is_img = pid_m < img_blocks
+    members = _pick(is_img, pid_m, pid_m - img_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
+    valid = members < _pick(is_img, group_img, group_txt)
+    positions = _member_positions(members, group, GROUPS, GROUP_LEN)
+    return batch, group, head, group_img, group_txt, is_img, positions, valid
+
+
+@triton.jit
 def _load_rows(base, positions, stride_l, valid, HEAD_DIM: tl.constexpr):
     """Rows ``positions`` of one head (BLOCK, HEAD_DIM); rows outside the group read as zeros."""
     cols = tl.arange(0, HEAD_DIM)
@@ -154,13 +173,8 @@ def _joint_attention_fwd_kernel(
     # Axis 0: (batch, group, head), the large one; axis 1: image query blocks, then text ones.
     pid_bgh = tl.program_id(0)
     pid_m = tl.program_id(1)
-    batch = pid_bgh // (GROUPS * num_heads)
-    group = (pid_bgh // num_heads) % GROUPS
-    head = pid_bgh % num_heads
-    group_img = len_img // GROUPS
-    group_txt = len_txt // GROUPS
-    img_blocks = tl.cdiv(group_img, BLOCK_M)
-    is_img = pid_m < img_blocks
+    batch, group, head, group_img, group_txt, is_img, positions, valid = _query_block(
+        pid_bgh, pid_m, len_img, len_txt, num_heads, GROUPS, GROUP_LEN, BLOCK_M)
 
     # This program's query stream.
     q_base = _pick(is_img, _head_base(q_img_ptr, batch, head, stride_qi_b, stride_qi_h),
@@ -170,11 +184,7 @@ def _joint_attention_fwd_kernel(
     # Outputs are contiguous (B, L, H, d); the log-sum-exp is (B, H, L).
     out_base = _pick(is_img, out_img_ptr, out_txt_ptr) + (batch.to(tl.int64) * q_len * num_heads + head) * HEAD_DIM
     lse_base = _pick(is_img, lse_img_ptr, lse_txt_ptr) + (batch.to(tl.int64) * num_heads + head) * q_len
-    q_group_size = _pick(is_img, group_img, group_txt)
 
-    members = _pick(is_img, pid_m, pid_m - img_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
-    valid = members < q_group_size
-    positions = _member_positions(members, group, GROUPS, GROUP_LEN)
     q = _load_rows(q_base, positions, stride_q_l, valid, HEAD_DIM)
     if HAS_QK_NORM:
         q = _rms_norm_rows(q, _load_weight(_pick(is_img, q_norm_img_ptr, q_norm_txt_ptr), HEAD_DIM), eps, HEAD_DIM)
@@ -242,13 +252,8 @@ def _joint_attention_bwd_dq_kernel(
     # Same grid as the forward: one program per (batch, group, head) and query block.
     pid_bgh = tl.program_id(0)
     pid_m = tl.program_id(1)
-    batch = pid_bgh // (GROUPS * num_heads)
-    group = (pid_bgh // num_heads) % GROUPS
-    head = pid_bgh % num_heads
-    group_img = len_img // GROUPS
-    group_txt = len_txt // GROUPS
-    img_blocks = tl.cdiv(group_img, BLOCK_M)
-    is_img = pid_m < img_blocks
+    batch, group, head, group_img, group_txt, is_img, positions, valid = _query_block(
+        pid_bgh, pid_m, len_img, len_txt, num_heads, GROUPS, GROUP_LEN, BLOCK_M)
 
     q_base = _pick(is_img, _head_base(q_img_ptr, batch, head, stride_qi_b, stride_qi_h),
                    _head_base(q_txt_ptr, batch, head, stride_qt_b, stride_qt_h))
@@ -264,11 +269,7 @@ def _joint_attention_bwd_dq_kernel(
     stat_offset = (batch.to(tl.int64) * num_heads + head) * q_len
     lse_base = _pick(is_img, lse_img_ptr, lse_txt_ptr) + stat_offset
     delta_base = _pick(is_img, delta_img_ptr, delta_txt_ptr) + stat_offset
-    q_group_size = _pick(is_img, group_img, group_txt)
 
-    members = _pick(is_img, pid_m, pid_m - img_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
-    valid = members < q_group_size
-    positions = _member_positions(members, group, GROUPS, GROUP_LEN)
     q_raw = _load_rows(q_base, positions, stride_q_l, valid, HEAD_DIM)
     if HAS_QK_NORM:
         q_weight = _load_weight(_pick(is_img, q_norm_img_ptr, q_norm_txt_ptr), HEAD_DIM)
