@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
 PYTEST_ARGS ?=
 
-.PHONY: install test bench clean
+.PHONY: install test bench gpu-check clean
 
 install:
 	@$(PYTHON) -c "import torch" 2>/dev/null || \
@@ -23,6 +23,13 @@ test: install
 
 bench: install
 	$(PYTHON) -m pytest bench --benchmark-only $(PYTEST_ARGS)
+
+# On a CUDA or ROCm machine: compiled kernels (bf16/fp16/fp32 parity), the benchmarks
+# (bench/results/<device>.json + .png) and an autotune pass persisted to the tuning cache.
+gpu-check: install
+	TRITON_INTERPRET=0 $(PYTHON) -m pytest tests $(PYTEST_ARGS)
+	$(PYTHON) -m pytest bench --benchmark-only $(PYTEST_ARGS)
+	$(PYTHON) -m nitro_ar.cli autotune --shapes all
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache .benchmarks .hypothesis
