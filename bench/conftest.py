@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchutil import ON_GPU, bench_device, commit, device_name, synchronized  # noqa: F401  (re-exported)
+from benchutil import ON_GPU, bench_device, commit, device_name
 
 
 @pytest.fixture(scope="session")

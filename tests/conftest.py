@@ -23,3 +23,18 @@ def _seed():
 def nan_filled_empty(*shape, dtype=torch.float32, device="cpu"):
     """``torch.empty`` filled with NaN, to catch reads of memory a kernel never wrote."""
     return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+
+@pytest.fixture
+def nan_empty(monkeypatch):
+    """Every torch.empty / torch.empty_like in the kernel launchers returns NaN-filled memory."""
+
+    def empty(*size, dtype=None, device=None, **_):
+        shape = size[0] if len(size) == 1 and not isinstance(size[0], int) else size
+        return nan_filled_empty(*shape, dtype=dtype or torch.get_default_dtype(), device=device or "cpu")
+
+    def empty_like(tensor, *, dtype=None, device=None, **_):
+        return nan_filled_empty(*tensor.shape, dtype=dtype or tensor.dtype, device=device or tensor.device)
+
+    monkeypatch.setattr(torch, "empty", empty)
+    monkeypatch.setattr(torch, "empty_like", empty_like)

@@ -7,7 +7,6 @@ import math
 
 import pytest
 import torch
-from conftest import nan_filled_empty
 
 from nitro_ar.kernels import flow_step as fs
 from nitro_ar.kernels.backend import HIP_ONLY_KEYS, interpreter_requested, select_backend, validate_config
@@ -126,17 +125,6 @@ def test_no_rows():
         x, v = make((0, 32), guided)
         out = flow_step(x, v, SIGMA, SIGMA_NEXT, 4.0 if guided else 1.0, backend=KERNEL_BACKEND)
         assert out.shape == (0, 32)
-
-
-@pytest.fixture
-def nan_empty(monkeypatch):
-    """Every torch.empty in the launchers returns NaN-filled memory."""
-
-    def empty(*size, dtype=None, device=None, **_):
-        shape = size[0] if len(size) == 1 and not isinstance(size[0], int) else size
-        return nan_filled_empty(*shape, dtype=dtype or torch.get_default_dtype(), device=device or "cpu")
-
-    monkeypatch.setattr(torch, "empty", empty)
 
 
 @pytest.mark.parametrize("shape", [(5, 123), (3, 17, 32)], ids=lambda s: "x".join(map(str, s)))

@@ -6,7 +6,6 @@ Triton (TRITON_INTERPRET=0) the same tests run on the GPU, plus bf16/fp16 parity
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import nan_filled_empty
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -175,21 +174,6 @@ def test_launchers_with_other_tiles(config):
     want = torch.autograd.grad(expected, inputs, upstream)
     for got, wanted in zip((dq_img, dk_img, dv_img, dq_txt, dk_txt, dv_txt, *norm_grads), want):
         torch.testing.assert_close(got, wanted, rtol=1e-4, atol=1e-4 * wanted.abs().max().item())
-
-
-@pytest.fixture
-def nan_empty(monkeypatch):
-    """Every torch.empty / torch.empty_like in the kernel launchers returns NaN-filled memory."""
-
-    def empty(*size, dtype=None, device=None, **_):
-        shape = size[0] if len(size) == 1 and not isinstance(size[0], int) else size
-        return nan_filled_empty(*shape, dtype=dtype or torch.get_default_dtype(), device=device or "cpu")
-
-    def empty_like(tensor, *, dtype=None, device=None, **_):
-        return nan_filled_empty(*tensor.shape, dtype=dtype or tensor.dtype, device=device or tensor.device)
-
-    monkeypatch.setattr(torch, "empty", empty)
-    monkeypatch.setattr(torch, "empty_like", empty_like)
 
 
 @pytest.mark.parametrize("text_output", [True, False])

@@ -5,7 +5,6 @@ CPU: the Triton interpreter in fp32 at small shapes. With a GPU and compiled Tri
 """
 import pytest
 import torch
-from conftest import nan_filled_empty
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -204,21 +203,6 @@ def test_per_batch_shapes_b_d_and_b_1_d():
     squeezed = {name: kwargs[name][:, 0] for name in ("shift", "scale", "gate")}
     torch.testing.assert_close(modulated_norm(x, backend=KERNEL_BACKEND, **{**kwargs, **squeezed}),
                                problem.run())
-
-
-@pytest.fixture
-def nan_empty(monkeypatch):
-    """Every torch.empty / torch.empty_like in the kernel launchers returns NaN-filled memory."""
-
-    def empty(*size, dtype=None, device=None, **_):
-        shape = size[0] if len(size) == 1 and not isinstance(size[0], int) else size
-        return nan_filled_empty(*shape, dtype=dtype or torch.get_default_dtype(), device=device or "cpu")
-
-    def empty_like(tensor, *, dtype=None, device=None, **_):
-        return nan_filled_empty(*tensor.shape, dtype=dtype or tensor.dtype, device=device or tensor.device)
-
-    monkeypatch.setattr(torch, "empty", empty)
-    monkeypatch.setattr(torch, "empty_like", empty_like)
 
 
 @pytest.mark.parametrize("modulation,residual", [("batch", "token"), ("token", "batch"), ("adaln", "adaln"),

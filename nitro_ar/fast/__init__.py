@@ -17,7 +17,6 @@ from __future__ import annotations
 
 from typing import Dict, Optional, Type
 
-import torch
 from torch import nn
 
 from ..kernels.backend import select_backend
