@@ -59,6 +59,11 @@ def measure(benchmark, run: Callable, cpu_rounds: int = 5) -> None:
         benchmark.pedantic(run, rounds=cpu_rounds, warmup_rounds=1)
 
 
+def mean_seconds(benchmark) -> Optional[float]:
+    """Mean time of a finished benchmark, or None when timing is off (``--benchmark-disable``)."""
+    return benchmark.stats.stats.mean if benchmark.stats is not None else None
+
+
 def count_flops(fn: Callable) -> int:
     """FLOPs of one call of ``fn``, counted by torch's FlopCounterMode (matmuls, convs, SDPA)."""
     from torch.utils.flop_counter import FlopCounterMode

@@ -5,9 +5,10 @@ each implementation in it is named by an ``impl`` parameter or ``extra_info["imp
 "eager" (the reference), "compile", "fast", "fast+graphs", "sdpa", ...
 
 After ``pytest bench --benchmark-only`` the results land in ``bench/results/<device>.json``
-(device, torch/triton versions, commit, every benchmark with its extra info, speed-ups of each
-implementation over the eager reference in the same group) and a PNG chart of the speed-ups
-beside it. Set ``NITRO_AR_BENCH_RESULTS`` to write elsewhere.
+(device, torch/triton versions, commit, every benchmark with its extra info and the versions
+it ran with, speed-ups of each implementation over the eager reference in the same group) and
+a PNG chart of the speed-ups beside it. A partial run replaces only its own records. Set
+``NITRO_AR_BENCH_RESULTS`` to write elsewhere.
 """
 import datetime
 import json
@@ -92,13 +93,27 @@ def pytest_sessionfinish(session, exitstatus):
         triton_version = None
     dev = bench_device()
     name = device_name(dev)
-    report = dict(device=name, torch=torch.__version__, triton=triton_version, hip=getattr(torch.version, "hip", None),
-                  cuda=torch.version.cuda, commit=commit(), date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                  config="full size" if ON_GPU else "reduced configs (CPU)", results=records, speedups=speedups(records))
+    versions = dict(torch=torch.__version__, triton=triton_version, hip=getattr(torch.version, "hip", None),
+                    cuda=torch.version.cuda, commit=commit(),
+                    date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+    for rec in records:
+        rec.update(versions)
     out_dir = _results_dir()
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_")
-    (out_dir / f"{stem}.json").write_text(json.dumps(report, indent=1, default=str))
+    file = out_dir / f"{stem}.json"
+    # A partial run (one file, -k) updates its own records and keeps the others.
+    try:
+        previous = json.loads(file.read_text()).get("results", []) if file.is_file() else []
+    except (OSError, ValueError):
+        previous = []
+    fresh = {rec["name"] for rec in records}
+    records = [rec for rec in previous if rec.get("name") not in fresh] + records
+    report = dict(device=name, **versions, config="full size" if ON_GPU else "reduced configs (CPU)",
+                  results=records, speedups=speedups(records))
+    tmp = file.with_name(f".{file.name}.tmp")
+    tmp.write_text(json.dumps(report, indent=1, default=str))
+    os.replace(tmp, file)
     if report["speedups"]:
         _chart(report["speedups"], f"nitro-ar on {name} (torch {torch.__version__}, triton {triton_version})", out_dir / f"{stem}.png")
     terminal = session.config.pluginmanager.get_plugin("terminalreporter")

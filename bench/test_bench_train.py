@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import nitro_ar.fast
-from benchutil import ON_GPU, synchronized
+from benchutil import ON_GPU, mean_seconds, synchronized
 from nitro_ar.data import make_synthetic_dataset
 from nitro_ar.train import Trainer, parse_config
 
@@ -51,14 +51,15 @@ def test_train_step(benchmark, device, datasets, tmp_path, size, variant, impl):
 
     benchmark.group = f"train {size} {variant} batch {BATCH}"
     benchmark.pedantic(synchronized(trainer.train_step, device), rounds=10 if ON_GPU else 1, iterations=1)
-    seconds = benchmark.stats.stats.mean
     peak = torch.cuda.max_memory_allocated(device) if ON_GPU else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     benchmark.extra_info.update(
         impl=impl, config=f"{size} {variant}", batch=BATCH,
         precision=trainer.accelerator.mixed_precision,
         backend=nitro_ar.fast.backend_of(trainer.model) or "reference",
-        samples_per_s=round(BATCH / seconds, 3),
-        tokens_per_s=round(BATCH * trainer.model.config.num_tokens / seconds, 1),
         peak_memory_mb=round(peak / 2**20, 1),
         peak_memory_kind="cuda max allocated" if ON_GPU else "process peak RSS",
     )
+    seconds = mean_seconds(benchmark)
+    if seconds:
+        benchmark.extra_info.update(samples_per_s=round(BATCH / seconds, 3),
+                                    tokens_per_s=round(BATCH * trainer.model.config.num_tokens / seconds, 1))
