@@ -64,6 +64,24 @@ def mean_seconds(benchmark) -> Optional[float]:
     return benchmark.stats.stats.mean if benchmark.stats is not None else None
 
 
+def record_rate(benchmark, device: torch.device, *, flops: Optional[int] = None, bytes_moved: Optional[int] = None) -> None:
+    """Record the work of one call and, once timed, TFLOP/s or GB/s and the fraction of the
+    device's peak (what the op is bound by: FLOPs for matmul-heavy work, bytes for norms)."""
+    info = benchmark.extra_info
+    info["device"] = device_name(device)
+    seconds, peaks = mean_seconds(benchmark), device_peaks(device)
+    if flops is not None:
+        info["flops"] = flops
+        if seconds:
+            info["tflops"] = round(flops / seconds / 1e12, 3)
+            info["fraction_of_peak"] = round(info["tflops"] / peaks[0], 4) if peaks else None
+    if bytes_moved is not None:
+        info["bytes"] = bytes_moved
+        if seconds:
+            info["gb_per_s"] = round(bytes_moved / seconds / 1e9, 1)
+            info["fraction_of_peak_bandwidth"] = round(info["gb_per_s"] / peaks[1], 3) if peaks else None
+
+
 def count_flops(fn: Callable) -> int:
     """FLOPs of one call of ``fn``, counted by torch's FlopCounterMode (matmuls, convs, SDPA)."""
     from torch.utils.flop_counter import FlopCounterMode

@@ -16,7 +16,7 @@ from typing import List
 
 import pytest
 import torch
-from benchutil import ON_GPU, count_flops, mean_seconds, synchronized
+from benchutil import ON_GPU, count_flops, record_rate, synchronized
 
 import nitro_ar.fast as fast
 from nitro_ar.fast.heads import count_launches
@@ -118,7 +118,5 @@ def test_head_sampling(benchmark, device, kind, case, impl):
     launches = count_launches(run, device)
     with torch.no_grad():  # useful work, counted on the eager loop (the kernels hide theirs from the counter)
         flops = count_flops(lambda: [sample_head(reference, z, noise, steps, CFG) for z, noise, steps in calls])
-    benchmark.extra_info.update(launches=launches, launches_per_ar_iteration=launches / len(calls), flops=flops)
-    seconds = mean_seconds(benchmark)
-    if seconds:
-        benchmark.extra_info["tflops"] = flops / seconds / 1e12
+    benchmark.extra_info.update(launches=launches, launches_per_ar_iteration=launches / len(calls))
+    record_rate(benchmark, device, flops=flops)

@@ -16,7 +16,7 @@ import functools
 import pytest
 import torch
 import torch.nn.functional as F
-from benchutil import ON_GPU, device_name, device_peaks, measure, synchronized
+from benchutil import ON_GPU, measure, record_rate, synchronized
 
 from nitro_ar import layers
 from nitro_ar.kernels.joint_attention import joint_attention
@@ -76,14 +76,7 @@ def record_flops(benchmark, case, passes, device):
     tokens = (len_img + LEN_TXT) // groups
     forward = 4 * batch * groups * HEADS * tokens * tokens * HEAD_DIM
     flops = forward * 7 // 2 if "backward" in passes else forward
-    benchmark.extra_info["flops"] = flops
-    benchmark.extra_info["device"] = device_name(device)
-    if benchmark.stats is not None:
-        tflops = flops / benchmark.stats.stats.mean / 1e12
-        benchmark.extra_info["tflop_per_s"] = round(tflops, 3)
-        peaks = device_peaks(device)
-        if peaks:
-            benchmark.extra_info["fraction_of_peak"] = round(tflops / peaks[0], 4)
+    record_rate(benchmark, device, flops=flops)
 
 
 

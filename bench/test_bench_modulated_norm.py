@@ -15,7 +15,7 @@ import functools
 
 import pytest
 import torch
-from benchutil import ON_GPU, device_name, device_peaks, measure, synchronized
+from benchutil import ON_GPU, measure, record_rate, synchronized
 from torch import nn
 
 from nitro_ar import layers
@@ -111,14 +111,7 @@ def site_inputs(site, size, device, requires_grad):
 def record_bandwidth(benchmark, site, size, passes, device):
     batch, tokens = size
     moved = sum(TENSORS_MOVED[site][p] for p in passes) * batch * tokens * DIM * DTYPE.itemsize
-    benchmark.extra_info["bytes"] = moved
-    benchmark.extra_info["device"] = device_name(device)
-    if benchmark.stats is not None:
-        gbps = moved / benchmark.stats.stats.mean / 1e9
-        benchmark.extra_info["gb_per_s"] = round(gbps, 1)
-        peaks = device_peaks(device)
-        if peaks:
-            benchmark.extra_info["fraction_of_peak_bandwidth"] = round(gbps / peaks[1], 3)
+    record_rate(benchmark, device, bytes_moved=moved)
 
 
 
