@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from .config import NITRO_E_ASA, NitroARConfig, NitroEConfig
+from .errors import CheckpointError
 
 __all__ = [
     "CheckpointError",
@@ -42,10 +43,6 @@ OFFICIAL_FILES = {
     "nitro_e": "Nitro-E-512px.safetensors",
 }
 _MAX_LISTED = 12
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be loaded into the requested model; the message says why."""
 
 
 PathLike = Union[str, os.PathLike]

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from .checkpoint import write_safetensors_atomic
+from .errors import DatasetError
 
 logger = logging.getLogger("nitro_ar.data")
 
@@ -59,10 +60,6 @@ OPEN_SHARDS = 64
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 PathLike = Union[str, os.PathLike]
-
-
-class DatasetError(ValueError):
-    """A dataset directory that cannot be used as asked; the message says why and where."""
 
 
 class ShardError(DatasetError):

@@ -35,6 +35,7 @@ from torch.utils.data import DataLoader
 from .checkpoint import CheckpointError, read_state_dict, write_safetensors_atomic, write_text_atomic
 from .config import NitroARConfig
 from .data import DatasetError, PairDataset
+from .errors import ConfigError
 from .nitro_ar_model import NitroAR
 from .objectives import (
     HeadGenerator,
@@ -58,10 +59,6 @@ PRECISIONS = ("auto", "no", "bf16")
 LATEST = "latest"
 STATE_NAME = "state.json"
 LOG_NAME = "train_log.jsonl"
-
-
-class ConfigError(ValueError):
-    """A training configuration that cannot run; the message says which setting and why."""
 
 
 def _opt(default, help: str, parse=None):
