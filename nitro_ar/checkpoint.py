@@ -3,14 +3,15 @@
 The project's layout is a directory with ``config.json`` and ``model.safetensors``. Its tensor
 names are the official ones (the model's modules are named as the official code names them),
 so converting between the two layouts is lossless: only the config travels separately.
-Files are only ever read as safetensors (never pickles), and writes are atomic.
+Files are only ever read as safetensors (never pickles), every tensor name, shape and value
+is checked before a model is built (a checkpoint with NaN / Inf weights is refused unless asked
+for), and writes go through :mod:`nitro_ar.io` (atomic, fsync-ed, umask-respecting).
 """
 from __future__ import annotations
 
 import json
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Tuple, Union
 
@@ -18,7 +19,8 @@ import torch
 from torch import nn
 
 from .config import NITRO_E_ASA, NitroARConfig, NitroEConfig
-from .errors import CheckpointError
+from .errors import CheckpointError, ConfigError
+from .io import write_safetensors_atomic, write_text_atomic
 
 __all__ = [
     "CheckpointError",
@@ -28,6 +30,7 @@ __all__ = [
     "infer_config",
     "resolve_checkpoint",
     "check_state_dict",
+    "check_finite",
     "load_model",
     "save_model",
     "write_safetensors_atomic",
@@ -83,49 +86,67 @@ def _block_groups(keys: Iterable[str]) -> Tuple[int, ...]:
     return tuple(counts[g] for g in sorted(counts))
 
 
+def _shape(state: Dict[str, torch.Tensor], key: str, ndim: int) -> Tuple[int, ...]:
+    """The shape of tensor ``key``: present, ``ndim`` dims, no empty dim; else CheckpointError."""
+    if key not in state:
+        raise CheckpointError(f"cannot infer the model configuration: the checkpoint has no tensor {key}")
+    shape = tuple(state[key].shape)
+    if len(shape) != ndim or 0 in shape:
+        raise CheckpointError(f"cannot infer the model configuration: {key} has shape {shape}, "
+                              f"expected {ndim} non-empty dims")
+    return shape
+
+
 def infer_config(state: Dict[str, torch.Tensor]) -> Union[NitroARConfig, NitroEConfig]:
     """The configuration whose tensor names and shapes match ``state`` (what shapes can tell:
     widths, heads, depths, variant). Not stored in weights: the latent ``sample_size`` (16) and,
-    for Nitro-E, whether ASA is on (the 512 px default, on)."""
+    for Nitro-E, whether ASA is on (the 512 px default, on).
+
+    Raises:
+        CheckpointError: a tensor the inference reads is missing or mis-shaped, or the shapes
+            give no valid configuration (named in the message).
+    """
     keys = set(state)
     kind = detect_model_type(keys)
     qk = "block_groups.0.0.attn.norm_q.weight"
+    head_dim = _shape(state, qk, 1)[0] if qk in keys else 32
     common = dict(
         qk_norm="rms_norm" if qk in keys else None,
         block_groups=_block_groups(keys) or (4, 16, 4),
-        caption_channels=state["context_embedder.weight"].shape[1],
+        caption_channels=_shape(state, "context_embedder.weight", 2)[1],
     )
-    if kind == "nitro_ar":
-        dim, in_ch = state["x_proj.weight"].shape
-        head_dim = state[qk].shape[0] if qk in keys else 32
-        joint = "diffloss.net.t_norm.weight" in keys
-        depth = len({k.split(".")[3] for k in keys if k.startswith("diffloss.net.res_blocks.")})
-        return NitroARConfig.for_variant(
-            "joint_gan" if joint else "gan",
+    try:
+        if kind == "nitro_ar":
+            dim, in_ch = _shape(state, "x_proj.weight", 2)
+            joint = "diffloss.net.t_norm.weight" in keys
+            depth = len({k.split(".")[3] for k in keys if k.startswith("diffloss.net.res_blocks.")})
+            return NitroARConfig.for_variant(
+                "joint_gan" if joint else "gan",
+                in_channels=in_ch,
+                out_channels=_shape(state, "diffloss.net.final_layer.linear.weight", 2)[0],
+                num_attention_heads=dim // head_dim,
+                attention_head_dim=head_dim,
+                caption_projection_dim=dim,
+                diffloss_w=_shape(state, "diffloss.net.input_proj.weight", 2)[0],
+                diffloss_d=depth,
+                global_head=any(k.startswith("diffloss_global.") for k in keys),
+                **common,
+            )
+        dim, in_ch, patch, _ = _shape(state, "pos_embed.proj.weight", 4)
+        table = _shape(state, "pos_embed.pos_embed", 3)[1] if "pos_embed.pos_embed" in keys else 96**2
+        return NitroEConfig(
             in_channels=in_ch,
-            out_channels=state["diffloss.net.final_layer.linear.weight"].shape[0],
+            out_channels=_shape(state, "proj_out.weight", 2)[0] // (patch * patch),
+            patch_size=patch,
             num_attention_heads=dim // head_dim,
             attention_head_dim=head_dim,
             caption_projection_dim=dim,
-            diffloss_w=state["diffloss.net.input_proj.weight"].shape[0],
-            diffloss_d=depth,
-            global_head=any(k.startswith("diffloss_global.") for k in keys),
+            pos_embed_max_size=int(round(table**0.5)),
+            asa_pattern=NITRO_E_ASA,
             **common,
         )
-    dim, in_ch, patch, _ = state["pos_embed.proj.weight"].shape
-    head_dim = state[qk].shape[0] if qk in keys else 32
-    max_size = int(round(state["pos_embed.pos_embed"].shape[1] ** 0.5)) if "pos_embed.pos_embed" in keys else 96
-    return NitroEConfig(
-        in_channels=in_ch,
-        out_channels=state["proj_out.weight"].shape[0] // (patch * patch),
-        patch_size=patch,
-        num_attention_heads=dim // head_dim,
-        attention_head_dim=head_dim,
-        caption_projection_dim=dim,
-        pos_embed_max_size=max_size,
-        asa_pattern=NITRO_E_ASA,
-        **common,
-    )
+    except ConfigError as err:
+        raise CheckpointError(f"the checkpoint's shapes give no valid configuration: {err}") from err
 
 
 def resolve_checkpoint(path: PathLike, model_type: str, variant: Optional[str] = None) -> Tuple[Path, Optional[dict]]:
@@ -142,9 +163,11 @@ def resolve_checkpoint(path: PathLike, model_type: str, variant: Optional[str] =
         raise CheckpointError(f"no checkpoint at {path}")
     if (path / CONFIG_NAME).is_file():
         try:
-            config = json.loads((path / CONFIG_NAME).read_text())
-        except json.JSONDecodeError as err:
+            config = json.loads((path / CONFIG_NAME).read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise CheckpointError(f"{path / CONFIG_NAME} is not valid JSON ({err})") from err
+        if not isinstance(config, dict):
+            raise ConfigError(f"{path / CONFIG_NAME}: expected a JSON object of config fields, got {type(config).__name__}")
         return path / WEIGHTS_NAME, config
     files = sorted(path.glob("*.safetensors"))
     wanted = OFFICIAL_FILES.get(variant or model_type)
@@ -195,6 +218,22 @@ def check_state_dict(model: nn.Module, state: Dict[str, torch.Tensor], source: s
     raise CheckpointError("; ".join(parts))
 
 
+def check_finite(state: Dict[str, torch.Tensor], source: str = "checkpoint") -> None:
+    """Raise CheckpointError naming every floating-point tensor of ``state`` holding NaN or Inf."""
+    bad = sorted(k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all()))
+    if bad:
+        raise CheckpointError(f"{source} holds non-finite weights (NaN or Inf): {_listing('tensors', bad)}; "
+                              "pass allow_nonfinite=True to load it anyway")
+
+
+def _saved_config(cls, saved: dict, path: PathLike):
+    """The config of a saved ``config.json``; ConfigError naming the file, the key and the value."""
+    try:
+        return cls.config_class.from_dict(saved)
+    except ConfigError as err:
+        raise ConfigError(f"{Path(path)}: {err}") from err
+
+
 def _materialise_buffers(model: nn.Module, device: torch.device, dtype: torch.dtype) -> None:
     """Rebuild non-persistent buffers (position tables) after a meta-device construction."""
     for module in model.modules():
@@ -203,12 +242,15 @@ def _materialise_buffers(model: nn.Module, device: torch.device, dtype: torch.dt
             build(device, dtype)
 
 
-def load_model(cls, path: PathLike, config=None, *, dtype=None, device=None, variant: Optional[str] = None):
+def load_model(cls, path: PathLike, config=None, *, dtype=None, device=None, variant: Optional[str] = None,
+               allow_nonfinite: bool = False):
     """Build ``cls`` from a checkpoint without a second copy of the weights in memory.
 
     The model is constructed on the meta device, then the checkpoint's tensors (cast to
     ``dtype``, moved to ``device``) are assigned to it. ``config`` overrides the saved or
-    inferred configuration (it is required to be consistent with the tensors).
+    inferred configuration (it is required to be consistent with the tensors). Checked first:
+    the file (safetensors), the model family, the saved config (ConfigError naming the key),
+    tensor names / shapes / dtypes, and, unless ``allow_nonfinite``, that no weight is NaN or Inf.
     """
     model_type = cls.config_class.model_type
     file, saved = resolve_checkpoint(path, model_type, variant or getattr(config, "variant", None))
@@ -218,8 +260,10 @@ def load_model(cls, path: PathLike, config=None, *, dtype=None, device=None, var
     if kind != model_type:
         other = "NitroE" if kind == "nitro_e" else "NitroAR"
         raise CheckpointError(f"{file} is a {kind} checkpoint; load it with {other}.from_pretrained")
+    if not allow_nonfinite:
+        check_finite(state, source=str(file))
     if config is None:
-        config = cls.config_class.from_dict(saved) if saved is not None else infer_config(state)
+        config = _saved_config(cls, saved, Path(path) / CONFIG_NAME) if saved is not None else infer_config(state)
     elif not isinstance(config, cls.config_class):
         raise TypeError(f"config must be a {cls.config_class.__name__}, got {type(config).__name__}")
     if variant is not None and getattr(config, "variant", variant) != variant:
@@ -233,42 +277,6 @@ def load_model(cls, path: PathLike, config=None, *, dtype=None, device=None, var
     model.load_state_dict(state, strict=True, assign=True)
     _materialise_buffers(model, device, dtype)
     return model.eval()
-
-
-def _standalone(tensor: torch.Tensor) -> torch.Tensor:
-    """A CPU tensor owning exactly its storage (safetensors refuses views into shared storage,
-    e.g. the fused q/k/v weights of an accelerated model)."""
-    tensor = tensor.detach().cpu()
-    if not tensor.is_contiguous() or tensor.untyped_storage().nbytes() != tensor.numel() * tensor.element_size():
-        tensor = tensor.clone(memory_format=torch.contiguous_format)
-    return tensor
-
-
-def write_safetensors_atomic(tensors: Dict[str, torch.Tensor], file: PathLike, metadata: Optional[dict] = None) -> None:
-    """Write a safetensors file through a temporary file in the same directory and an atomic
-    rename, so an interrupted write never leaves a truncated checkpoint behind."""
-    from safetensors.torch import save_file
-
-    file = Path(file)
-    file.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{file.name}.", suffix=".tmp", dir=file.parent)
-    os.close(fd)
-    try:
-        save_file({k: _standalone(v) for k, v in tensors.items()}, tmp, metadata=metadata)
-        os.replace(tmp, file)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def write_text_atomic(text: str, file: PathLike) -> None:
-    """Write a text file through a temporary file in the same directory and an atomic rename."""
-    file = Path(file)
-    fd, tmp = tempfile.mkstemp(prefix=f".{file.name}.", suffix=".tmp", dir=file.parent)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(text)
-    os.replace(tmp, file)
 
 
 def save_model(model: nn.Module, directory: PathLike, *, official_file: Optional[PathLike] = None) -> Path:
@@ -291,7 +299,8 @@ class PretrainedMixin:
     config_class = None
 
     @classmethod
-    def from_pretrained(cls, path: PathLike, config=None, *, dtype=None, device=None, variant: Optional[str] = None):
+    def from_pretrained(cls, path: PathLike, config=None, *, dtype=None, device=None, variant: Optional[str] = None,
+                        allow_nonfinite: bool = False):
         """Load an official safetensors file, a directory of official files, or a directory
         written by :meth:`save_pretrained`.
 
@@ -300,11 +309,14 @@ class PretrainedMixin:
             config: the model configuration; default: the saved one, else inferred from shapes.
             dtype: parameter dtype (default: the file's); device: where to put it (default CPU).
             variant: for a directory of official Nitro-AR files, "gan" or "joint_gan".
+            allow_nonfinite: load weights holding NaN / Inf instead of refusing them.
         Raises:
-            CheckpointError (a ValueError) naming missing, unexpected or mis-shaped tensors, a
-            file that is not safetensors, or a checkpoint of the other model family.
+            CheckpointError (a ValueError) naming missing, unexpected or mis-shaped tensors,
+            tensors holding NaN / Inf, a file that is not safetensors, or a checkpoint of the
+            other model family. ConfigError (a ValueError) naming a bad ``config.json`` key.
         """
-        return load_model(cls, path, config, dtype=dtype, device=device, variant=variant)
+        return load_model(cls, path, config, dtype=dtype, device=device, variant=variant,
+                          allow_nonfinite=allow_nonfinite)
 
     def save_pretrained(self, directory: PathLike) -> Path:
         """Write ``config.json`` + ``model.safetensors`` (official tensor names) atomically."""

@@ -3,8 +3,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import numbers
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Mapping, Optional, Tuple
+
+from .errors import ConfigError, invalid
 
 VARIANTS = ("gan", "joint_gan")
 QK_NORMS = (None, "rms_norm")
@@ -15,11 +19,41 @@ NITRO_E_ASA = ((1, 1), (4, 1), (4, 4))
 NO_ASA = ((1, 1),)
 
 
+# Float fields that must also be > 0 (shift 0 makes every timestep 0: NaN images).
+_POSITIVE_FLOATS = ("shift", "scaling_factor")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def _asa_tuple(pattern) -> Tuple[Tuple[int, int], ...]:
-    out = tuple((int(s), int(n)) for s, n in pattern)
-    if not out or any(s < 1 or n < 1 for s, n in out):
-        raise ValueError(f"ASA pattern must be a non-empty list of (s >= 1, n >= 1) pairs, got {pattern!r}")
-    return out
+    accepted = "a non-empty list of [s, n] pairs of integers >= 1"
+    try:
+        pairs = [tuple(pair) for pair in pattern]
+    except TypeError:
+        raise invalid("asa_pattern", pattern, accepted, ConfigError) from None
+    if not pairs or any(len(pair) != 2 or not all(_is_int(v) and v >= 1 for v in pair) for pair in pairs):
+        raise invalid("asa_pattern", pattern, accepted, ConfigError)
+    return tuple((int(s), int(n)) for s, n in pairs)
+
+
+def _check_fields(config) -> None:
+    """Raise ConfigError naming the first field whose value has the wrong type or range: every
+    ``int`` field is an integer >= 1, every ``float`` a finite number (``shift`` and
+    ``scaling_factor`` > 0), every ``bool`` a bool."""
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if f.type == "int" and not (_is_int(value) and value >= 1):
+            raise invalid(f.name, value, "an integer >= 1", ConfigError)
+        if f.type == "float":
+            ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+            if f.name in _POSITIVE_FLOATS and not (ok and value > 0):
+                raise invalid(f.name, value, "a finite number > 0", ConfigError)
+            if not ok:
+                raise invalid(f.name, value, "a finite number", ConfigError)
+        if f.type == "bool" and not isinstance(value, bool):
+            raise invalid(f.name, value, "true or false", ConfigError)
 
 
 @dataclass
@@ -81,21 +115,28 @@ class _BackboneConfig:
         return pattern[index % len(pattern)]
 
     def _validate_backbone(self) -> None:
+        _check_fields(self)
+        groups = self.block_groups
+        if (isinstance(groups, (str, bytes)) or not isinstance(groups, (list, tuple)) or len(groups) != 3
+                or not all(_is_int(b) and b >= 1 for b in groups)):
+            raise invalid("block_groups", groups, "three integers >= 1 (blocks per group)", ConfigError)
         if self.caption_projection_dim != self.inner_dim:
-            raise ValueError(
-                f"caption_projection_dim ({self.caption_projection_dim}) must equal "
+            raise ConfigError(
+                f"caption_projection_dim={self.caption_projection_dim} is not accepted: it must equal "
                 f"num_attention_heads * attention_head_dim ({self.inner_dim})"
             )
         if self.qk_norm not in QK_NORMS:
-            raise ValueError(f"qk_norm must be one of {QK_NORMS}, got {self.qk_norm!r}")
+            raise invalid("qk_norm", self.qk_norm, f"one of {QK_NORMS}", ConfigError)
         if self.grid_size % 4:
-            raise ValueError(f"token compression needs a grid divisible by 4, got {self.grid_size}")
-        if len(self.block_groups) != 3 or min(self.block_groups) < 1:
-            raise ValueError(f"block_groups must be three positive block counts, got {self.block_groups}")
+            raise invalid("sample_size", self.sample_size, "a multiple of 4 (token compression)", ConfigError)
+        if self.pos_embed_max_size < self.grid_size:
+            raise invalid("pos_embed_max_size", self.pos_embed_max_size,
+                          f"at least the latent grid side sample_size={self.sample_size}", ConfigError)
         if self.inner_dim % 4:
-            raise ValueError(f"inner width {self.inner_dim} must be divisible by 4 (position table)")
+            raise ConfigError(f"inner width num_attention_heads * attention_head_dim = {self.inner_dim} is not "
+                              "accepted: it must be divisible by 4 (position table)")
         self.asa_pattern = _asa_tuple(self.asa_pattern)  # type: ignore[attr-defined]
-        self.block_groups = tuple(int(b) for b in self.block_groups)
+        self.block_groups = tuple(int(b) for b in groups)
 
     def to_dict(self) -> Dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -106,19 +147,19 @@ class _BackboneConfig:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
     @classmethod
-    def from_dict(cls, data: Dict[str, Any]):
+    def from_dict(cls, data: Mapping[str, Any]):
+        """The config of a ``to_dict`` / ``config.json`` mapping. Raises ConfigError naming the
+        first unknown key or the first field of the wrong type or range."""
+        if not isinstance(data, Mapping):
+            raise invalid("config", data, f"a mapping of {cls.__name__} fields", ConfigError)
         data = dict(data)
         model_type = data.pop("model_type", cls.model_type)  # type: ignore[attr-defined]
         if model_type != cls.model_type:  # type: ignore[attr-defined]
-            raise ValueError(f"config is for model_type {model_type!r}, not {cls.model_type!r}")  # type: ignore[attr-defined]
+            raise invalid("model_type", model_type, repr(cls.model_type), ConfigError)  # type: ignore[attr-defined]
         names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
+        unknown = sorted(set(map(str, data)) - names)
         if unknown:
-            raise ValueError(f"unknown {cls.__name__} fields: {unknown}")
-        if "block_groups" in data:
-            data["block_groups"] = tuple(data["block_groups"])
-        if "asa_pattern" in data:
-            data["asa_pattern"] = _asa_tuple(data["asa_pattern"])
+            raise ConfigError(f"unknown {cls.__name__} fields: {unknown}; accepted: {sorted(names)}")
         return cls(**data)
 
 
@@ -157,12 +198,13 @@ class NitroARConfig(_BackboneConfig):
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
-            raise ValueError(f"variant must be one of {VARIANTS}, got {self.variant!r}")
+            raise invalid("variant", self.variant, f"one of {VARIANTS}", ConfigError)
+        self._validate_backbone()
         if self.variant == "gan":
             self.global_head = False  # only the joint variant has a global-token path
         if self.variant == "joint_gan" and self.diffloss_w % 64:
-            raise ValueError(f"the transformer head uses heads of 64 channels; diffloss_w={self.diffloss_w}")
-        self._validate_backbone()
+            raise invalid("diffloss_w", self.diffloss_w, "a multiple of 64 (the transformer head's 64-channel heads)",
+                          ConfigError)
 
     @property
     def norm_type(self) -> str:
@@ -174,7 +216,7 @@ class NitroARConfig(_BackboneConfig):
         """The released configuration of ``variant`` ("gan" or "joint_gan"), with overrides."""
         defaults = {"gan": dict(head_steps=3, ar_steps=20), "joint_gan": dict(head_steps=6, ar_steps=1)}
         if variant not in defaults:
-            raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+            raise invalid("variant", variant, f"one of {VARIANTS}", ConfigError)
         return cls(variant=variant, **{**defaults[variant], **overrides})
 
     @classmethod
@@ -206,7 +248,7 @@ class NitroARConfig(_BackboneConfig):
         for name in _OFFICIAL_TRAINING_ONLY:
             kwargs.pop(name, None)
         if kwargs:
-            raise ValueError(f"unknown official Nitro-AR constructor arguments: {sorted(kwargs)}")
+            raise ConfigError(f"unknown official Nitro-AR constructor arguments: {sorted(kwargs)}")
         # Arguments left out take the official constructor's defaults, as the official code would.
         mapped.setdefault("caption_channels", 4096)
         mapped.setdefault("diffloss_d", 3)
@@ -235,9 +277,10 @@ class NitroEConfig(_BackboneConfig):
     scaling_factor: float = 0.41407
 
     def __post_init__(self) -> None:
-        if self.patch_size != 1:
-            raise ValueError("Nitro-E's token compression and position reinforcement need patch_size 1")
         self._validate_backbone()
+        if self.patch_size != 1:
+            raise invalid("patch_size", self.patch_size, "1 (Nitro-E's token compression and position "
+                          "reinforcement)", ConfigError)
 
     @classmethod
     def from_official_kwargs(cls, kwargs: Dict[str, Any]) -> "NitroEConfig":
@@ -253,6 +296,6 @@ class NitroEConfig(_BackboneConfig):
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(kwargs) - names)
         if unknown:
-            raise ValueError(f"unknown official Nitro-E constructor arguments: {unknown}")
+            raise ConfigError(f"unknown official Nitro-E constructor arguments: {unknown}")
         kwargs["asa_pattern"] = NITRO_E_ASA if use_sub_attn else NO_ASA
         return cls(**kwargs)

@@ -24,7 +24,6 @@ import bisect
 import json
 import logging
 import os
-import tempfile
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from .checkpoint import write_safetensors_atomic
+from .io import write_json_atomic, write_safetensors_atomic
 from .errors import DatasetError
 
 logger = logging.getLogger("nitro_ar.data")
@@ -68,18 +67,6 @@ class ShardError(DatasetError):
 
 def shard_name(number: int) -> str:
     return f"shard-{number:05d}.safetensors"
-
-
-def _write_json_atomic(data: dict, file: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{file.name}.", suffix=".tmp", dir=file.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(data, handle, indent=2)
-        os.replace(tmp, file)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def write_shard(
@@ -138,7 +125,7 @@ def write_index(
         "settings": settings or {},
         "shards": [{"file": name, "count": int(count)} for name, count in shards],
     }
-    _write_json_atomic(index, root / INDEX_NAME)
+    write_json_atomic(index, root / INDEX_NAME)
     return root / INDEX_NAME
 
 
