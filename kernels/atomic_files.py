@@ -6,7 +6,7 @@ the mode a plain ``open()`` would give (``0o666 & ~umask``; ``mkstemp`` alone gi
 renamed over the target, and the folder ``fsync``-ed so the rename itself survives a power
 loss. A reader therefore sees the old file or the new one, never a truncated one.
 
-Temporary names are ``.<target>.<host>-<pid>-<random>.nitro-tmp``: removed on any error, and
+Temporary names are ``.<target>.<host>-<pid>-<random>.nitro.tmp``: removed on any error, and
 those of killed writers are swept from a folder the first time this process writes into it
 (:func:`sweep_stale`: the writer's pid is gone on this host, or the entry is older than
 :data:`STALE_AFTER_S`).
@@ -50,7 +50,7 @@ __all__ = [
 
 PathLike = Union[str, os.PathLike]
 
-TEMP_SUFFIX = ".nitro-tmp"
+TEMP_SUFFIX = ".nitro.tmp"
 # Temporaries of another host (shared file systems) are only swept by age; an active writer
 # keeps its file's mtime fresh, and nothing this project writes stays open this long.
 STALE_AFTER_S = 6 * 3600.0

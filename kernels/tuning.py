@@ -15,7 +15,10 @@ Tuned configs are JSON files, one per device and Triton version, e.g.
 They are looked up first in the user cache (:func:`cache_dir`: ``$NITRO_AR_TUNING_DIR`` or
 ``~/.cache/nitro_ar/tuning``), then in the files shipped with the package
 (``nitro_ar/kernels/configs/``). Writes merge with the file's current content under a lock file
-and replace it atomically, so several processes (one per GPU) can tune at once.
+and replace it atomically (:mod:`nitro_ar.kernels.atomic_files`: fsync-ed, umask-respecting),
+so several processes (one per GPU) can tune at once. Files are strict JSON: a non-finite
+timing is never written. A malformed entry (or file) is ignored with one warning and the op's
+default is used; it never stops a launch.
 """
 from __future__ import annotations
 
@@ -25,9 +28,10 @@ import functools
 import importlib
 import json
 import logging
+import math
+import numbers
 import os
 import sys
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +39,9 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Union
 
 import torch
 
+from nitro_ar.errors import TuningCacheError
+
+from .atomic_files import atomic_path
 from .backend import DeviceInfo, device_info, validate_config
 
 try:
@@ -162,6 +169,20 @@ def _warn_once(key: str, message: str) -> None:
         warnings.warn(message, stacklevel=3)
 
 
+def _entry_problem(entry) -> Optional[str]:
+    """Why a tuning-file entry ``{"config": {name: int}, "ms": float}`` is unusable, or None."""
+    if not isinstance(entry, dict) or not isinstance(entry.get("config"), dict):
+        return "expected an object with a 'config' object"
+    config = entry["config"]
+    bad = [k for k, v in config.items() if not isinstance(v, numbers.Integral) or isinstance(v, bool)]
+    if bad:
+        return f"config values must be integers: {', '.join(f'{k}={config[k]!r}' for k in bad)}"
+    ms = entry.get("ms")
+    if ms is not None and (isinstance(ms, bool) or not isinstance(ms, numbers.Real) or not math.isfinite(ms) or ms < 0):
+        return f"'ms' must be a finite number >= 0, got {ms!r}"
+    return None
+
+
 def _parse_table(path: Path) -> dict:
     """The ``ops`` mapping of one tuning file; raises OSError/ValueError when unusable."""
     document = json.loads(path.read_text(encoding="utf-8"))
@@ -228,9 +249,14 @@ def _resolve(op_name: str, info: DeviceInfo, bucket: str) -> dict:
         user_path = cache_dir() / name
         for path, table in ((user_path, _load_table(user_path, required=not packaged)), (packaged_path, packaged)):
             entry = table.get(op_name, {}).get(bucket)
-            config = entry.get("config") if isinstance(entry, dict) else None
-            if config is None:
+            if entry is None:
                 continue
+            problem = _entry_problem(entry)
+            if problem is not None:
+                _warn_once(f"{path}:{op_name}:{bucket}",
+                           f"nitro_ar: ignoring malformed tuned entry of {op_name} [{bucket}] in {path}: {problem}")
+                continue
+            config = entry["config"]
             try:
                 validate_config(config, info.vendor)
             except ValueError as err:
@@ -262,8 +288,18 @@ def store_configs(info: DeviceInfo, winners: Dict[str, Dict[str, dict]], directo
         winners: {op name: {bucket: {"config": dict, "ms": float}}}.
         directory: target folder (default :func:`cache_dir`).
     Returns:
-        The path written. An existing unreadable file is replaced (with a warning).
+        The path written. An existing unreadable file is replaced, and its malformed entries
+        are dropped (with a warning).
+    Raises:
+        TuningCacheError: a winner is malformed (e.g. a NaN timing); nothing is written.
     """
+    for op_name, buckets in winners.items():
+        if not isinstance(buckets, dict):
+            raise TuningCacheError(f"tuned entries of {op_name} cannot be stored: expected {{bucket: entry}}, got {buckets!r}")
+        for bucket, entry in buckets.items():
+            problem = _entry_problem(entry)
+            if problem is not None:
+                raise TuningCacheError(f"tuned entry of {op_name} [{bucket}] cannot be stored: {problem}")
     directory = Path(directory) if directory is not None else cache_dir()
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / tuning_file_name(info)
@@ -275,20 +311,18 @@ def store_configs(info: DeviceInfo, winners: Dict[str, Dict[str, dict]], directo
         except (OSError, ValueError) as err:
             warnings.warn(f"nitro_ar: replacing unreadable tuned-config file {path} ({err})", stacklevel=2)
             ops = {}
+        dropped = []
+        for op_name, buckets in ops.items():
+            for bucket in [b for b, entry in buckets.items() if _entry_problem(entry)]:
+                del buckets[bucket]
+                dropped.append(f"{op_name} [{bucket}]")
+        if dropped:
+            warnings.warn(f"nitro_ar: dropping malformed entries of {path}: {', '.join(dropped)}", stacklevel=2)
         for op_name, buckets in winners.items():
             ops.setdefault(op_name, {}).update(buckets)
         document = {"device": info.name, "arch": info.arch, "triton": _triton_version(), "ops": ops}
-        handle = tempfile.NamedTemporaryFile("w", dir=directory, prefix=path.name + ".", suffix=".tmp",
-                                             delete=False, encoding="utf-8")
-        try:
-            with handle:
-                json.dump(document, handle, indent=1, sort_keys=True)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(handle.name, path)
-        except BaseException:
-            Path(handle.name).unlink(missing_ok=True)
-            raise
+        with atomic_path(path) as tmp:
+            tmp.write_text(json.dumps(document, indent=1, sort_keys=True, allow_nan=False), encoding="utf-8")
     _tables.pop(str(path), None)
     _resolved.clear()
     return path
@@ -321,6 +355,9 @@ def _tune(op: TunableOp, info: DeviceInfo, sets: Sequence[str], device: torch.de
                 total_ms = sum(op.bench(shape, config, device) for shape in bucket_shapes)
             except Exception as err:  # a config that does not compile or fit this shape is out
                 logger.info("nitro_ar: %s [%s] %s failed: %s", op.name, bucket, config, err)
+                continue
+            if not math.isfinite(total_ms) or total_ms < 0:  # a broken timing must not win (nor reach the file)
+                logger.info("nitro_ar: %s [%s] %s timed %s ms; left out", op.name, bucket, config, total_ms)
                 continue
             timings.append((total_ms / len(bucket_shapes), config))
         if not timings:
