@@ -34,6 +34,7 @@ __all__ = [
     "TEMP_SUFFIX",
     "STALE_AFTER_S",
     "KILL_AT_ENV",
+    "crash_point",
     "current_umask",
     "file_mode",
     "dir_mode",
@@ -54,14 +55,14 @@ TEMP_SUFFIX = ".nitro.tmp"
 # Temporaries of another host (shared file systems) are only swept by age; an active writer
 # keeps its file's mtime fresh, and nothing this project writes stays open this long.
 STALE_AFTER_S = 6 * 3600.0
-# Test hook: SIGKILL this process when a write reaches the named stage (see `_stage`).
+# Test hook: SIGKILL this process when a write reaches the named stage (see `crash_point`).
 KILL_AT_ENV = "NITRO_AR_KILL_AT"
 _HOST = re.sub(r"[^A-Za-z0-9]+", "", socket.gethostname())[:24] or "host"
 _TEMP_RE = re.compile(r"^\..*\.(?P<host>[A-Za-z0-9]+)-(?P<pid>\d+)-[0-9a-f]+" + re.escape(TEMP_SUFFIX) + "$")
 _swept: Set[str] = set()
 
 
-def _stage(name: str) -> None:
+def crash_point(name: str) -> None:
     """A point a crash test can kill the process at (``NITRO_AR_KILL_AT=<name>``)."""
     if os.environ.get(KILL_AT_ENV) == name:
         os.kill(os.getpid(), signal.SIGKILL)
@@ -197,12 +198,12 @@ def atomic_path(target: PathLike) -> Iterator[Path]:
     os.close(fd)
     try:
         yield tmp
-        _stage("file-written")
+        crash_point("file-written")
         _fsync_file(tmp)
         os.chmod(tmp, file_mode())
-        _stage("file-synced")
+        crash_point("file-synced")
         os.replace(tmp, target)
-        _stage("file-renamed")
+        crash_point("file-renamed")
         fsync_dir(target.parent)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -276,15 +277,15 @@ def commit_dir(built: PathLike, target: PathLike) -> None:
     built, target = Path(built), Path(target)
     _fsync_tree(built)
     os.chmod(built, dir_mode())
-    _stage("dir-built")
+    crash_point("dir-built")
     if not target.exists():
         os.rename(built, target)
     elif _exchange(built, target):
-        _stage("dir-exchanged")  # `built` now holds the old copy, under a temporary name
+        crash_point("dir-exchanged")  # `built` now holds the old copy, under a temporary name
     else:
         aside = temp_path(target)
         os.rename(target, aside)
-        _stage("dir-aside")
+        crash_point("dir-aside")
         try:
             os.rename(built, target)
         except BaseException:
@@ -292,5 +293,5 @@ def commit_dir(built: PathLike, target: PathLike) -> None:
             raise
         built = aside
     fsync_dir(target.parent)
-    _stage("dir-committed")
+    crash_point("dir-committed")
     _remove(built)

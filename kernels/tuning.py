@@ -418,7 +418,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         results = run_autotune(args.ops, args.shapes, args.device)
     except (RuntimeError, ValueError) as err:
-        print(f"nitro-ar autotune: {err}", file=sys.stderr)
+        print(f"nitro-ar: error: autotune: {err}", file=sys.stderr)
         return 2
     for name, buckets in sorted(results.items()):
         for bucket, entry in sorted(buckets.items()):

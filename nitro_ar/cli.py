@@ -1,15 +1,24 @@
-"""The ``nitro-ar`` command line: generate, convert, info, and the tool subcommands."""
+"""The ``nitro-ar`` command line: generate, convert, info, and the tool subcommands.
+
+Every failure ends in one line on stderr, ``nitro-ar: error: ...``, and a non-zero exit code:
+2 for bad input (arguments, paths, files, configs, checkpoints: the :mod:`nitro_ar.errors`
+family and missing / unreadable paths), 1 for anything else, 130 when interrupted. ``--debug``
+(before the subcommand) shows the traceback instead.
+"""
 from __future__ import annotations
 
 import argparse
 import importlib
 import logging
+import math
 import re
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
+
+from .errors import NitroARError, invalid
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -20,6 +29,30 @@ DELEGATED = {
     "autotune": ("nitro_ar.kernels.tuning", "main", "tune kernel configs on this GPU and persist them"),
     "bench": ("nitro_ar.bench", "main", "run the benchmark suite and print the speed-up table"),
 }
+
+
+# Options of `nitro-ar` itself, accepted before the subcommand (also before a delegated one).
+GLOBAL_FLAGS = {"-v": "verbose", "--verbose": "verbose", "--debug": "debug"}
+# OSErrors that mean a path given on the command line is wrong: bad input, exit code 2.
+PATH_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, FileExistsError)
+EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_INTERRUPTED = 2, 1, 130
+
+
+def resolve_local_or_hub(path: str, option: str) -> Path:
+    """The model folder ``path`` names for ``option`` (``--text-encoder``, ``--vae``).
+
+    Checked before anything is loaded, so a wrong path is one clear line rather than a
+    traceback about Hub connections. Today only local folders are accepted.
+
+    Raises:
+        InvalidArgumentError: ``path`` is not an existing folder.
+    """
+    folder = Path(path).expanduser()
+    if folder.is_dir():
+        return folder
+    if folder.exists():
+        raise invalid(option, path, "a model folder (config + weights), not a file")
+    raise invalid(option, path, "an existing local model folder (no such folder)")
 
 
 def _model_class(path: Path, variant: Optional[str]):
@@ -53,11 +86,13 @@ def cmd_generate(args) -> int:
         prompts += [line.strip() for line in Path(args.prompts_file).read_text().splitlines() if line.strip()]
     if not prompts:
         raise SystemExit("nitro-ar generate: give --prompt (repeatable) or --prompts-file")
+    text_encoder = resolve_local_or_hub(args.text_encoder, "--text-encoder")
+    vae = resolve_local_or_hub(args.vae, "--vae")
     device = _device(args.device)
     cls = _model_class(Path(args.model), args.variant)
     pipe_cls = NitroEPipeline if cls is NitroE else NitroARPipeline
     kwargs = {"variant": args.variant} if args.variant and pipe_cls is NitroARPipeline else {}
-    pipe = pipe_cls.from_pretrained(args.model, args.text_encoder, args.vae, dtype=DTYPES[args.dtype], device=device, **kwargs)
+    pipe = pipe_cls.from_pretrained(args.model, text_encoder, vae, dtype=DTYPES[args.dtype], device=device, **kwargs)
     if args.fast:
         from . import fast
 
@@ -111,9 +146,46 @@ def cmd_info(args) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``nitro-ar: error: <subcommand>: <message>``, exit 2."""
+
+    def error(self, message: str):
+        where = self.prog.partition(" ")[2]
+        self.exit(EXIT_BAD_INPUT, f"nitro-ar: error: {where + ': ' if where else ''}{message} (see {self.prog} --help)\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not accepted: expected an integer >= 1")
+    return value
+
+
+def _finite_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not accepted: expected a finite number")
+    return value
+
+
+def _device_name(text: str) -> str:
+    try:
+        torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not accepted: expected a device such as cpu, cuda, cuda:1") from None
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="nitro-ar", description="Nitro-AR / Nitro-E: generate, convert, inspect, tune.")
+    parser = _Parser(prog="nitro-ar", description="Nitro-AR / Nitro-E: generate, convert, inspect, tune.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log backend choices and progress details")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error instead of one line")
     sub = parser.add_subparsers(dest="command", required=True)
 
     gen = sub.add_parser("generate", help="prompts -> PNG files")
@@ -124,11 +196,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     gen.add_argument("--prompts-file", help="one prompt per line")
     gen.add_argument("--seed", type=int, default=0, help="seed of the first image (then +1 per prompt)")
-    gen.add_argument("--steps", type=int, help="AR steps (Nitro-AR) or flow steps (Nitro-E)")
-    gen.add_argument("--head-steps", type=int, dest="head_steps", help="Euler steps of the head per AR step")
-    gen.add_argument("--cfg", type=float, help="guidance weight")
+    gen.add_argument("--steps", type=_positive_int, help="AR steps (Nitro-AR) or flow steps (Nitro-E)")
+    gen.add_argument("--head-steps", type=_positive_int, dest="head_steps", help="Euler steps of the head per AR step")
+    gen.add_argument("--cfg", type=_finite_float, help="guidance weight")
     gen.add_argument("--dtype", choices=list(DTYPES), default="fp32")
-    gen.add_argument("--device", help="e.g. cuda, cuda:1, cpu (default: GPU when present)")
+    gen.add_argument("--device", type=_device_name, help="e.g. cuda, cuda:1, cpu (default: GPU when present)")
     gen.add_argument("--fast", action="store_true", help="accelerate with nitro_ar.fast")
     gen.add_argument("--out", default="outputs", help="output folder")
     gen.add_argument("--quiet", action="store_true")
@@ -144,29 +216,64 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="config, parameter count, detected device and backend")
     info.add_argument("model", nargs="?")
     info.add_argument("--variant", choices=["gan", "joint_gan"])
-    info.add_argument("--device")
+    info.add_argument("--device", type=_device_name)
     info.set_defaults(func=cmd_info)
 
     for name, (_, _, text) in DELEGATED.items():
         tool = sub.add_parser(name, help=text, add_help=False)
         tool.add_argument("args", nargs=argparse.REMAINDER)
+        tool.set_defaults(func=lambda args: _delegate(args.command, args.args))
     return parser
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and argv[0] in DELEGATED:
-        module_name, function, _ = DELEGATED[argv[0]]
-        return int(getattr(importlib.import_module(module_name), function)(argv[1:]) or 0)
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
-    from .checkpoint import CheckpointError
+def _delegate(command: str, argv: List[str]) -> int:
+    """Run a tool subcommand: its module's entry point ``fn(argv) -> exit code``."""
+    module_name, function, _ = DELEGATED[command]
+    return int(getattr(importlib.import_module(module_name), function)(argv) or 0)
 
+
+def _split_global_flags(argv: List[str]) -> Tuple[dict, List[str]]:
+    """The leading ``nitro-ar`` options and the rest (the subcommand and its arguments)."""
+    flags = {name: False for name in GLOBAL_FLAGS.values()}
+    while argv and argv[0] in GLOBAL_FLAGS:
+        flags[GLOBAL_FLAGS[argv.pop(0)]] = True
+    return flags, argv
+
+
+def _error_line(err: BaseException) -> Tuple[str, int]:
+    """(one-line message, exit code) of an error that ends the command."""
+    if isinstance(err, NitroARError):
+        message, code = str(err), EXIT_BAD_INPUT
+    elif isinstance(err, PATH_ERRORS):
+        what = err.strerror or type(err).__name__
+        message, code = (f"{what}: {err.filename}" if err.filename else str(err)), EXIT_BAD_INPUT
+    elif isinstance(err, OSError):
+        message, code = f"{err.strerror or err}" + (f": {err.filename}" if err.filename else ""), EXIT_FAILURE
+    else:
+        message, code = f"{type(err).__name__}: {err} (rerun with --debug for the traceback)", EXIT_FAILURE
+    return " ".join(message.split()), code
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Run ``nitro-ar [-v] [--debug] COMMAND ...``; returns the exit code (0 on success)."""
+    flags, argv = _split_global_flags(list(sys.argv[1:] if argv is None else argv))
+    logging.basicConfig(level=logging.INFO if flags["verbose"] else logging.WARNING, format="%(message)s")
     try:
+        if argv and argv[0] in DELEGATED:  # its arguments are the tool's own, argparse must not see them
+            return _delegate(argv[0], argv[1:])
+        args = build_parser().parse_args(argv)
         return int(args.func(args) or 0)
-    except CheckpointError as err:
-        print(f"nitro-ar {args.command}: {err}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        if flags["debug"]:
+            raise
+        print("nitro-ar: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as err:  # noqa: BLE001 -- the CLI's one place that turns any error into one line
+        if flags["debug"]:
+            raise
+        message, code = _error_line(err)
+        print(f"nitro-ar: error: {message}", file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ __all__ = [
     "DatasetError",
     "TuningCacheError",
     "HubError",
+    "TrainingError",
     "invalid",
 ]
 
@@ -47,6 +48,10 @@ class TuningCacheError(NitroARError, ValueError):
 
 class HubError(NitroARError, OSError):
     """A model or encoder that cannot be fetched from (or found in the cache of) the Hugging Face Hub."""
+
+
+class TrainingError(NitroARError, RuntimeError):
+    """A training run that cannot go on (e.g. too many steps in a row with a non-finite loss)."""
 
 
 def invalid(name: str, value: Any, accepted: str, cls: type = InvalidArgumentError) -> NitroARError:

@@ -13,6 +13,13 @@ the project's layout (``model/``: ``NitroAR.from_pretrained`` loads it), the EMA
 (``ema/``) when on, the optimizer(s), learning-rate schedule(s), per-process RNG states and
 the data position; ``checkpoints/latest`` names the newest. A run resumes from it by default
 and continues exactly as if it had not stopped.
+
+Crash safety: a checkpoint is built in a hidden folder (every file atomic and fsync-ed,
+``state.json``, the completeness marker, last), swapped in whole (a re-saved step is exchanged
+atomically with the old copy), and only then named by ``latest``. When ``latest`` is missing or
+names no complete checkpoint, resuming falls back to the newest complete one with a warning.
+``train_log.jsonl`` is cut back to the resumed step. A step whose loss is not finite is skipped
+(no update); ``max_nonfinite_steps`` such steps in a row stop the run with a TrainingError.
 """
 import argparse
 import contextlib
@@ -20,7 +27,7 @@ import dataclasses
 import json
 import logging
 import math
-import os
+import re
 import shutil
 import sys
 import time
@@ -32,10 +39,12 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from .checkpoint import CheckpointError, read_state_dict, write_safetensors_atomic, write_text_atomic
+from .checkpoint import CheckpointError, read_state_dict
 from .config import NitroARConfig
 from .data import DatasetError, PairDataset
-from .errors import ConfigError
+from .errors import ConfigError, NitroARError, TrainingError
+from .io import commit_dir, sweep_stale, write_json_atomic, write_safetensors_atomic, write_text_atomic
+from .kernels import atomic_files
 from .nitro_ar_model import NitroAR
 from .objectives import (
     HeadGenerator,
@@ -52,13 +61,16 @@ from .objectives import (
 
 logger = logging.getLogger("nitro_ar.train")
 
-__all__ = ["TrainConfig", "ConfigError", "Trainer", "parse_config", "main"]
+__all__ = ["TrainConfig", "ConfigError", "TrainingError", "Trainer", "parse_config", "main"]
 
 MODES = ("pretrain", "adversarial")
 PRECISIONS = ("auto", "no", "bf16")
 LATEST = "latest"
 STATE_NAME = "state.json"
 LOG_NAME = "train_log.jsonl"
+# Checkpoint folders are `step-XXXXXXXX`; one is built as `.step-XXXXXXXX.partial` first.
+STEP_RE = re.compile(r"step-(\d+)")
+PARTIAL_SUFFIX = ".partial"
 
 
 def _opt(default, help: str, parse=None):
@@ -132,6 +144,7 @@ class TrainConfig:
     resume_from: str = _opt("auto", "auto (latest checkpoint in output_dir, if any), none, or a checkpoint folder", str)
     report_to: str = _opt("none", "Accelerate tracker: none, tensorboard, wandb, ...", str)
     progress: bool = _opt(True, "show a progress bar", _parse_bool)
+    max_nonfinite_steps: int = _opt(10, "steps in a row with a non-finite loss (each skipped) before training stops", int)
 
     def validate(self) -> None:
         """Raise ConfigError naming the first invalid setting."""
@@ -152,6 +165,10 @@ class TrainConfig:
         need(self.learning_rate > 0, f"learning_rate must be > 0, got {self.learning_rate}")
         need(0.0 <= self.ema_rate < 1.0, f"ema_rate must be in [0, 1), got {self.ema_rate}")
         need(not (self.init_from and self.model_config), "model_config applies to a new model; init_from fixes the architecture")
+        need(self.max_nonfinite_steps >= 0, f"max_nonfinite_steps must be >= 0, got {self.max_nonfinite_steps}")
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            need(not (isinstance(value, float) and not math.isfinite(value)), f"{f.name} must be a finite number, got {value}")
 
     def objective_settings(self, joint: bool) -> ObjectiveSettings:
         mul = self.diffusion_batch_mul if self.diffusion_batch_mul is not None else (1 if joint else 2)
@@ -261,11 +278,36 @@ def _save_optimizer(optimizer: torch.optim.Optimizer, directory: Path, name: str
             else:
                 scalars[f"{pid}.{key}"] = value
     write_safetensors_atomic(tensors, directory / f"{name}.safetensors")
-    (directory / f"{name}.json").write_text(json.dumps({"param_groups": state["param_groups"], "scalars": scalars}))
+    write_json_atomic({"param_groups": state["param_groups"], "scalars": scalars}, directory / f"{name}.json", indent=None)
+
+
+def _read_json(file: Path) -> dict:
+    """A JSON object of a checkpoint; CheckpointError naming the file when missing or unreadable."""
+    try:
+        value = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise CheckpointError(f"{file} is missing or unreadable ({err})") from err
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{file} does not hold a JSON object")
+    return value
+
+
+def _checkpoint_problem(path: Path) -> Optional[str]:
+    """Why ``path`` is not a complete training checkpoint, or None. Complete: ``state.json`` (the
+    last file written) is present, readable, and records the step."""
+    if not path.is_dir():
+        return "no such folder"
+    try:
+        state = _read_json(path / STATE_NAME)
+    except CheckpointError as err:
+        return str(err)
+    if not isinstance(state.get("step"), int):
+        return f"{path / STATE_NAME} records no step"
+    return None
 
 
 def _load_optimizer(optimizer: torch.optim.Optimizer, directory: Path, name: str) -> None:
-    meta = json.loads((directory / f"{name}.json").read_text())
+    meta = _read_json(directory / f"{name}.json")
     entries: Dict[int, Dict[str, object]] = {}
     for source in (read_state_dict(directory / f"{name}.safetensors"), meta["scalars"]):
         for key, value in source.items():
@@ -403,6 +445,7 @@ class Trainer:
 
         self.step = 0
         self.samples_consumed = 0
+        self.nonfinite_in_a_row = 0
         if resume is not None:
             self._load_training_state(resume)
         self.global_batch = cfg.batch_size * acc.num_processes
@@ -416,6 +459,10 @@ class Trainer:
                         self.model.config.variant, cfg.mode, sum(p.numel() for p in trainable) / 1e6, acc.num_processes,
                         self.global_batch, cfg.gradient_accumulation_steps, precision,
                         "fast" if self.fast_active else "eager", len(self.dataset), cfg.data_dir)
+        if resume is not None:
+            # Last: building the data iterator draws from the global RNG, as it did in the
+            # uninterrupted run before the state now restored was saved.
+            self._restore_rng(resume)
 
     # ------------------------------------------------------------------ construction
     def _adamw(self, params: List[nn.Parameter], lr: float) -> torch.optim.AdamW:
@@ -424,19 +471,62 @@ class Trainer:
                                  weight_decay=cfg.weight_decay)
 
     def _find_resume(self) -> Optional[Path]:
+        """The checkpoint to resume from: ``resume_from`` when it is a folder; for ``auto`` the
+        one ``latest`` names, else (with a warning) the newest complete one."""
         choice = self.cfg.resume_from
         if choice == "none":
             return None
-        if choice == "auto":
-            latest = self.ckpt_root / LATEST
-            if not latest.is_file():
-                return None
-            path = self.ckpt_root / latest.read_text().strip()
-        else:
+        if choice != "auto":
             path = Path(choice)
-        if not (path / STATE_NAME).is_file():
-            raise CheckpointError(f"cannot resume from {path}: no {STATE_NAME} (not a training checkpoint)")
-        return path
+            problem = _checkpoint_problem(path)
+            if problem is not None:
+                raise CheckpointError(f"cannot resume from {path}: not a complete training checkpoint ({problem})")
+            return path
+        if self.accelerator.is_main_process:
+            self._sweep_partial_checkpoints()
+        latest = self.ckpt_root / LATEST
+        if not latest.exists():
+            reason = f"{latest} is missing"
+        else:
+            try:
+                name = latest.read_text(encoding="utf-8").strip()
+            except (OSError, UnicodeDecodeError) as err:
+                name, reason = "", f"{latest} is unreadable ({err})"
+            else:
+                reason = f"{latest} is empty"
+            if STEP_RE.fullmatch(name):
+                reason = _checkpoint_problem(self.ckpt_root / name)
+                if reason is None:
+                    return self.ckpt_root / name
+                reason = f"{latest} names {name}, which is not complete ({reason})"
+            elif name:
+                reason = f"{latest} holds {name[:64]!r}, not a checkpoint name"
+        complete = self._complete_checkpoints()
+        if not complete:
+            if latest.exists():
+                raise CheckpointError(f"cannot resume: {reason} and {self.ckpt_root} holds no complete checkpoint; "
+                                      "pass --resume-from none to start afresh")
+            return None
+        logger.warning("%s; resuming from the newest complete checkpoint, %s", reason, complete[-1])
+        return complete[-1]
+
+    def _step_folders(self) -> List[Path]:
+        """Every ``step-XXXXXXXX`` folder, by step."""
+        if not self.ckpt_root.is_dir():
+            return []
+        folders = [p for p in self.ckpt_root.iterdir() if STEP_RE.fullmatch(p.name) and p.is_dir()]
+        return sorted(folders, key=lambda p: int(p.name[len("step-"):]))
+
+    def _complete_checkpoints(self) -> List[Path]:
+        """The complete checkpoints, by step."""
+        return [p for p in self._step_folders() if _checkpoint_problem(p) is None]
+
+    def _sweep_partial_checkpoints(self) -> None:
+        """Remove what killed runs left: partial checkpoint folders and temporary files."""
+        for path in self.ckpt_root.glob(".step-*" + PARTIAL_SUFFIX):
+            logger.warning("removing the incomplete checkpoint %s of an interrupted save", path)
+            shutil.rmtree(path, ignore_errors=True)
+        sweep_stale(self.ckpt_root)
 
     def _build_model(self, resume: Optional[Path]) -> NitroAR:
         cfg = self.cfg
@@ -495,21 +585,25 @@ class Trainer:
             sync = self.accelerator.no_sync(module) if micro < accum - 1 else contextlib.nullcontext()
             yield batch, draws, sync
 
-    def _clip_and_step(self, params, optimizer, scheduler) -> float:
-        """Clip, step (skipped, with a warning, when the gradient norm is not finite), zero."""
+    def _clip_and_step(self, params, optimizer, scheduler, loss: float) -> Tuple[float, bool]:
+        """Clip, step, zero; returns (gradient norm, whether the weights were updated). The update
+        is skipped, with a warning, when the (process-averaged) loss or the gradient norm is not
+        finite; the schedule advances either way."""
         acc = self.accelerator
         if self.cfg.grad_clip > 0:
             norm = acc.clip_grad_norm_(params, self.cfg.grad_clip)
         else:
             norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
         norm = float(norm)
-        if math.isfinite(norm):
+        update = math.isfinite(loss) and math.isfinite(norm)
+        if update:
             optimizer.step()
         else:
-            logger.warning("step %d: non-finite gradient norm (%s); update skipped", self.step, norm)
+            logger.warning("step %d: non-finite %s (loss %s, gradient norm %s); update skipped", self.step + 1,
+                           "loss" if not math.isfinite(loss) else "gradient norm", loss, norm)
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        return norm
+        return norm, update
 
     def _pretrain_step(self) -> Dict[str, float]:
         acc, accum = self.accelerator, self.cfg.gradient_accumulation_steps
@@ -520,10 +614,10 @@ class Trainer:
                 acc.backward(losses["loss"] / accum)
             for key, value in losses.items():
                 totals[key] = totals.get(key, 0.0) + value.detach().float() / accum
-        metrics = {"grad_norm": self._clip_and_step(self.trainable, self.optimizer, self.scheduler)}
-        if self.ema is not None:
+        metrics = {k: float(acc.reduce(v, "mean")) for k, v in totals.items()}
+        metrics["grad_norm"], updated = self._clip_and_step(self.trainable, self.optimizer, self.scheduler, metrics["loss"])
+        if self.ema is not None and updated:
             self.ema.update()
-        metrics.update({k: float(acc.reduce(v, "mean")) for k, v in totals.items()})
         return metrics
 
     def _adversarial_step(self) -> Dict[str, float]:
@@ -544,8 +638,9 @@ class Trainer:
             generated.append((fake.detach(), real, text, mask))
         for param in disc_params:
             param.requires_grad_(True)
-        g_norm = self._clip_and_step(self.trainable, self.optimizer, self.scheduler)
-        if self.ema is not None:
+        g_mean = float(acc.reduce(g_total, "mean"))
+        g_norm, updated = self._clip_and_step(self.trainable, self.optimizer, self.scheduler, g_mean)
+        if self.ema is not None and updated:
             self.ema.update()
         # Discriminator update on the same samples: real and generated in one forward.
         for micro, (fake, real, text, mask) in enumerate(generated):
@@ -558,9 +653,9 @@ class Trainer:
             d_total += d_loss.detach() / accum
             real_score += torch.sigmoid(real_logits.detach()).mean() / accum
             fake_score += torch.sigmoid(fake_logits.detach()).mean() / accum
-        d_norm = self._clip_and_step(disc_params, self.disc_optimizer, self.disc_scheduler)
-        reduced = {k: float(acc.reduce(v, "mean")) for k, v in
-                   {"g_loss": g_total, "d_loss": d_total, "d_real": real_score, "d_fake": fake_score}.items()}
+        reduced = {"g_loss": g_mean, **{k: float(acc.reduce(v, "mean")) for k, v in
+                                        {"d_loss": d_total, "d_real": real_score, "d_fake": fake_score}.items()}}
+        d_norm, _ = self._clip_and_step(disc_params, self.disc_optimizer, self.disc_scheduler, reduced["d_loss"])
         return {"loss": reduced["g_loss"], **reduced, "grad_norm": g_norm, "d_grad_norm": d_norm}
 
     def train_step(self) -> Dict[str, float]:
@@ -578,7 +673,8 @@ class Trainer:
         if cfg.report_to != "none":
             acc.init_trackers("nitro-ar", config={k: v for k, v in dataclasses.asdict(cfg).items() if not isinstance(v, dict)})
         if acc.is_main_process:
-            (self.output_dir / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+            write_json_atomic(dataclasses.asdict(cfg), self.output_dir / "train_config.json")
+            self._truncate_log()
         bar = tqdm(total=cfg.max_steps, initial=self.step, desc=cfg.mode, unit="step",
                    disable=not (cfg.progress and acc.is_local_main_process))
         samples_per_step = self.global_batch * cfg.gradient_accumulation_steps
@@ -592,7 +688,10 @@ class Trainer:
             metrics["tokens_per_s"] = metrics["samples_per_s"] * self.model.config.num_tokens
             if acc.is_main_process:
                 with open(self.output_dir / LOG_NAME, "a") as handle:
-                    handle.write(json.dumps({"step": self.step, **metrics}) + "\n")
+                    # Strict JSON: a non-finite value (a skipped step's loss) is written as null.
+                    row = {k: (v if math.isfinite(v) else None) for k, v in metrics.items()}
+                    handle.write(json.dumps({"step": self.step, **row}, allow_nan=False) + "\n")
+            self._check_loss(metrics["loss"])
             bar.update(1)
             bar.set_postfix(loss=f"{metrics['loss']:.4f}", gnorm=f"{metrics['grad_norm']:.3f}",
                             sps=f"{metrics['samples_per_s']:.1f}")
@@ -609,19 +708,56 @@ class Trainer:
         acc.end_training()
         return metrics
 
+    def _check_loss(self, loss: float) -> None:
+        """Count steps in a row whose loss was not finite (their update was skipped); raise
+        TrainingError once there are more than ``max_nonfinite_steps``."""
+        if math.isfinite(loss):
+            self.nonfinite_in_a_row = 0
+            return
+        self.nonfinite_in_a_row += 1
+        if self.nonfinite_in_a_row > self.cfg.max_nonfinite_steps:
+            raise TrainingError(
+                f"the loss was not finite ({loss}) for {self.nonfinite_in_a_row} steps in a row, up to step {self.step}; "
+                f"training stopped (max_nonfinite_steps={self.cfg.max_nonfinite_steps}). Lower the learning rate, "
+                "check the data for NaN / Inf, or resume from an earlier checkpoint")
+
+    def _truncate_log(self) -> None:
+        """Cut ``train_log.jsonl`` back to the rows of steps up to the current one (a resumed run
+        rewrites the later ones; a torn last line of a killed run goes too)."""
+        log = self.output_dir / LOG_NAME
+        if not log.is_file():
+            return
+        lines = log.read_text(encoding="utf-8", errors="replace").splitlines()
+        kept = []
+        for line in lines:
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= self.step:
+                kept.append(line)
+        if len(kept) != len(lines):
+            write_text_atomic("".join(line + "\n" for line in kept), log)
+
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self) -> Path:
-        """Write ``checkpoints/step-XXXXXXXX`` (through a hidden partial folder renamed when
-        complete) and point ``checkpoints/latest`` at it; prune old ones."""
+        """Write ``checkpoints/step-XXXXXXXX`` and point ``checkpoints/latest`` at it; prune old ones.
+
+        Crash-safe: built in ``.step-XXXXXXXX.partial`` (each file atomic, ``state.json`` last),
+        swapped in whole (an existing folder of this step is exchanged atomically, keeping a
+        complete copy under the name throughout), then ``latest`` is replaced, then old
+        checkpoints are pruned. A kill at any point leaves ``latest`` naming a complete checkpoint.
+        """
         acc, cfg = self.accelerator, self.cfg
         name = f"step-{self.step:08d}"
-        final, partial = self.ckpt_root / name, self.ckpt_root / f".{name}.partial"
+        final, partial = self.ckpt_root / name, self.ckpt_root / f".{name}{PARTIAL_SUFFIX}"
         acc.wait_for_everyone()
         if acc.is_main_process:
             shutil.rmtree(partial, ignore_errors=True)
             partial.mkdir(parents=True)
         acc.wait_for_everyone()
         write_safetensors_atomic(_rng_state(), partial / f"rng-{acc.process_index}.safetensors")
+        acc.wait_for_everyone()  # every process's RNG file is in before the folder is committed
         if acc.is_main_process:
             model = self.model
             model.save_pretrained(partial / "model")
@@ -641,26 +777,33 @@ class Trainer:
                 "num_processes": acc.num_processes, "mode": cfg.mode, "variant": model.config.variant,
                 "seed": cfg.seed, **schedulers,
             }
-            (partial / STATE_NAME).write_text(json.dumps(state, indent=2))
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(partial, final)
+            write_json_atomic(state, partial / STATE_NAME)  # the completeness marker: last
+            commit_dir(partial, final)
+            atomic_files.crash_point("checkpoint-committed")
             write_text_atomic(name, self.ckpt_root / LATEST)
+            atomic_files.crash_point("latest-written")
             self._prune_checkpoints(keep=final)
             logger.info("saved checkpoint %s", final)
         acc.wait_for_everyone()
         return final
 
     def _prune_checkpoints(self, keep: Path) -> None:
+        """Delete the oldest step folders beyond ``keep_checkpoints`` (never ``keep``, the one
+        just written and named by ``latest``)."""
         if self.cfg.keep_checkpoints == 0:
             return
-        steps = sorted(p for p in self.ckpt_root.glob("step-*") if p.is_dir())
+        steps = self._step_folders()
         for old in [p for p in steps if p != keep][: max(0, len(steps) - self.cfg.keep_checkpoints)]:
             shutil.rmtree(old, ignore_errors=True)
 
     def _load_training_state(self, resume: Path) -> None:
         acc, cfg = self.accelerator, self.cfg
-        state = json.loads((resume / STATE_NAME).read_text())
+        state = _read_json(resume / STATE_NAME)
+        missing = [k for k in ("mode", "global_batch", "step", "samples_consumed", "scheduler") if k not in state]
+        if self.adversarial:
+            missing += [k for k in ("disc_scheduler",) if k not in state]
+        if missing:
+            raise CheckpointError(f"{resume / STATE_NAME} lacks {missing}: not a checkpoint of this trainer")
         if state["mode"] != cfg.mode:
             raise ConfigError(f"{resume} is a {state['mode']} checkpoint; this run is in {cfg.mode} mode")
         if state["global_batch"] != cfg.batch_size * acc.num_processes:
@@ -676,11 +819,16 @@ class Trainer:
             if not (resume / "ema").is_dir():
                 raise CheckpointError(f"{resume} has no EMA weights but this run keeps an EMA (pass --ema false)")
             self.ema.load(read_state_dict(resume / "ema" / "model.safetensors"))
-        rng = resume / f"rng-{acc.process_index}.safetensors"
-        if rng.is_file():
-            _set_rng_state(read_state_dict(rng))
         if acc.is_main_process:
             logger.info("resumed from %s at step %d", resume, self.step)
+
+    def _restore_rng(self, resume: Path) -> None:
+        rng = resume / f"rng-{self.accelerator.process_index}.safetensors"
+        if rng.is_file():
+            _set_rng_state(read_state_dict(rng))
+        else:
+            logger.warning("%s has no RNG state for process %d: random draws will differ from the uninterrupted run",
+                           resume, self.accelerator.process_index)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -689,9 +837,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         cfg = parse_config(argv)
         Trainer(cfg).train()
-    except (ConfigError, DatasetError, CheckpointError) as err:
-        logger.error("%s", err)
-        return 2
+    except NitroARError as err:  # ConfigError, DatasetError, CheckpointError: bad input; TrainingError
+        logger.error("nitro-ar: error: %s", err)
+        return 1 if isinstance(err, TrainingError) else 2
     return 0
 
 
