@@ -91,9 +91,14 @@ def write_safetensors_atomic(tensors: Dict[str, torch.Tensor], file: PathLike, m
     Args:
         tensors: name -> tensor, any device and dtype (copied to CPU as needed).
         metadata: optional str -> str header metadata.
+    Raises:
+        InvalidArgumentError: an entry is not a str -> tensor pair; nothing is written.
     """
     from safetensors.torch import save_file
 
+    bad = [repr(k) for k, v in tensors.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
+    if bad:
+        raise InvalidArgumentError(f"cannot write {file}: entries {', '.join(bad[:8])} are not str -> tensor")
     with atomic_path(file) as tmp:
         save_file({k: _standalone(v) for k, v in tensors.items()}, str(tmp), metadata=metadata)
     return Path(file)
