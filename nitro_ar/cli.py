@@ -244,6 +244,8 @@ def _error_line(err: BaseException) -> Tuple[str, int]:
     """(one-line message, exit code) of an error that ends the command."""
     if isinstance(err, NitroARError):
         message, code = str(err), EXIT_BAD_INPUT
+    elif isinstance(err, UnicodeDecodeError):  # a text file given on the command line is not UTF-8
+        message, code = f"a file is not UTF-8 text ({err})", EXIT_BAD_INPUT
     elif isinstance(err, PATH_ERRORS):
         what = err.strerror or type(err).__name__
         message, code = (f"{what}: {err.filename}" if err.filename else str(err)), EXIT_BAD_INPUT
@@ -263,6 +265,12 @@ def main(argv: Optional[List[str]] = None) -> int:
             return _delegate(argv[0], argv[1:])
         args = build_parser().parse_args(argv)
         return int(args.func(args) or 0)
+    except SystemExit as done:  # argparse (already printed its one line) or a tool's exit message
+        if isinstance(done.code, int) or done.code is None:
+            return done.code or 0
+        message = re.sub(r"^nitro-ar (\S+): ", r"\1: ", " ".join(str(done.code).split()))
+        print(f"nitro-ar: error: {message}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         if flags["debug"]:
             raise
