@@ -23,7 +23,11 @@ from nitro_ar.errors import CheckpointError, ConfigError, NitroARError
 from nitro_ar.kernels import atomic_files
 
 ROOT = Path(__file__).resolve().parents[1]
-FUZZ = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+# One block per group: loading is construction-bound, and the errors do not depend on depth.
+SMALL = dict(block_groups=(1, 1, 1))
+# The suite's profile (12 examples) for cases that load a model; more where a case is cheap.
+FUZZ = settings(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+CHEAP = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 # JSON values of every kind, kept small (a huge but well-typed size would only be slow).
 json_scalars = st.one_of(st.none(), st.booleans(), st.integers(-3, 70), st.floats(allow_nan=True, allow_infinity=True),
@@ -37,7 +41,7 @@ json_values = st.recursive(json_scalars, lambda inner: st.one_of(st.lists(inner,
 def saved(tmp_path_factory):
     """A saved tiny model: its folder, config dict and state dict."""
     folder = tmp_path_factory.mktemp("saved") / "model"
-    model = tiny_ar("gan")
+    model = tiny_ar("gan", **SMALL)
     model.save_pretrained(folder)
     return folder, json.loads((folder / "config.json").read_text()), model.state_dict()
 
@@ -65,7 +69,7 @@ def _expected_ok(field, value) -> bool:
 SCALAR_FIELDS = sorted(name for name, f in NitroARConfig.__dataclass_fields__.items() if f.type in ("int", "float", "bool"))
 
 
-@FUZZ
+@CHEAP
 @given(field=st.sampled_from(SCALAR_FIELDS), value=json_values)
 def test_config_fields_of_the_wrong_type_or_range_are_named(field, value):
     data = tiny_ar_config("joint_gan").to_dict()
@@ -81,7 +85,7 @@ def test_config_fields_of_the_wrong_type_or_range_are_named(field, value):
     assert f"{field}=" in str(err.value) and "expected" in str(err.value)
 
 
-@FUZZ
+@CHEAP
 @given(document=json_values)
 def test_any_json_document_as_a_config_is_a_config_error_or_a_config(document):
     for cls in (NitroARConfig, NitroEConfig):
@@ -174,7 +178,7 @@ def test_damaged_tensors_are_named(saved, tmp_path_factory, data):
         state["extra.weight"] = tensor
     file = _write_state(state, tmp_path_factory.mktemp("bad") / "m.safetensors")
     try:
-        NitroAR.from_pretrained(file, config=tiny_ar_config("gan"))
+        NitroAR.from_pretrained(file, config=tiny_ar_config("gan", **SMALL))
     except CheckpointError as err:
         assert (key if damage != "extra" else "extra.weight") in str(err)
         if damage in ("nan", "inf"):

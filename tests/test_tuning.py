@@ -1,12 +1,14 @@
 """Launch-config lists and the persisted tuning cache (nitro_ar.kernels.tuning)."""
 import json
 import multiprocessing
+import os
 import warnings
 
 import pytest
 import torch
 
 from nitro_ar.kernels import tuning
+from nitro_ar.errors import TuningCacheError
 from nitro_ar.kernels.backend import HIP_ONLY_KEYS, HIP_MAX_WARPS, DeviceInfo, validate_config
 
 OPS = tuning.registered_ops()
@@ -149,7 +151,7 @@ def test_concurrent_writers_keep_every_entry(tmp_path):
     document = json.loads((tmp_path / tuning.tuning_file_name(FAKE_GPU)).read_text())
     buckets = document["ops"]["modulated_norm"]
     assert set(buckets) == {f"w{worker}_b{index}" for worker in range(workers) for index in range(count)}
-    assert not list(tmp_path.glob("*.tmp"))
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
 
 
 @pytest.fixture
@@ -210,3 +212,102 @@ def test_cli_on_cpu_exits_nonzero_and_writes_nothing(cache, capsys, argv):
     assert tuning.main(argv) != 0
     assert "autotuning needs a CUDA or ROCm GPU" in capsys.readouterr().err
     assert not cache.exists()
+
+
+# --------------------------------------------------------------------------------------------
+# malformed files and entries (property-based), strict JSON, crash safety of the writer
+# --------------------------------------------------------------------------------------------
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+FUZZ = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+json_values = st.recursive(
+    st.one_of(st.none(), st.booleans(), st.integers(-5, 64), st.floats(allow_nan=True), st.text(max_size=5)),
+    lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=5), inner, max_size=3)),
+    max_leaves=8)
+# A file whose ops / bucket / entry level (or the whole document) is arbitrary JSON.
+documents = st.one_of(
+    json_values,
+    st.builds(lambda ops: {"ops": ops}, json_values),
+    st.builds(lambda buckets: {"ops": {"modulated_norm": buckets}}, json_values),
+    st.builds(lambda entry: {"ops": {"modulated_norm": {"d1024_r512": entry}}}, json_values),
+    st.builds(lambda config, ms: {"ops": {"modulated_norm": {"d1024_r512": {"config": config, "ms": ms}}}},
+              st.dictionaries(st.sampled_from(["TILE_ELEMENTS", "num_warps", "num_stages", "waves_per_eu"]), json_values),
+              json_values),
+)
+
+
+def _strict(text):
+    def refuse(constant):
+        raise ValueError(f"bare {constant} in the file")
+    return json.loads(text, parse_constant=refuse)
+
+
+@FUZZ
+@given(document=documents, raw=st.booleans())
+def test_malformed_tuning_files_never_stop_get_config(cache, document, raw):
+    tuning.clear_cache()
+    cache.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(document) if not raw else json.dumps(document)[: max(1, len(json.dumps(document)) // 2)]
+    (cache / tuning.tuning_file_name(FAKE_GPU)).write_text(text)
+    default = OPS["modulated_norm"].default("cuda", "sm_90")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        config = tuning.get_config("modulated_norm", FAKE_GPU, "d1024_r512")
+    assert isinstance(config, dict)
+    if config != default:  # a tuned entry was used: it must be a well-formed, valid one
+        entry = document["ops"]["modulated_norm"]["d1024_r512"]
+        assert tuning._entry_problem(entry) is None and config == entry["config"]
+        validate_config(config, "cuda")
+
+
+def test_malformed_entry_warns_once_and_the_others_still_work(cache):
+    good = dict(TILE_ELEMENTS=1024, num_warps=2, num_stages=1)
+    cache.mkdir(parents=True)
+    (cache / tuning.tuning_file_name(FAKE_GPU)).write_text(json.dumps({"ops": {"modulated_norm": {
+        "bad": {"config": {"num_warps": "four"}}, "worse": [1, 2], "good": {"config": good, "ms": 0.1}}}}))
+    default = OPS["modulated_norm"].default("cuda", "sm_90")
+    for bucket in ("bad", "worse"):
+        with pytest.warns(UserWarning, match=f"malformed tuned entry of modulated_norm \\[{bucket}\\]"):
+            assert tuning.get_config("modulated_norm", FAKE_GPU, bucket) == default
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert tuning.get_config("modulated_norm", FAKE_GPU, "good") == good
+
+
+@pytest.mark.parametrize("ms", [float("nan"), float("inf"), -1.0, "fast"])
+def test_non_finite_timings_are_refused_and_nothing_is_written(cache, ms):
+    config = dict(TILE_ELEMENTS=1024, num_warps=2, num_stages=1)
+    with pytest.raises(TuningCacheError, match=r"modulated_norm \[b\].*'ms'"):
+        tuning.store_configs(FAKE_GPU, {"modulated_norm": {"b": {"config": config, "ms": ms}}})
+    assert not (cache / tuning.tuning_file_name(FAKE_GPU)).exists()
+
+
+def test_merging_over_a_file_with_bare_nan_writes_strict_json(cache):
+    """Files of older versions hold bare NaN timings: their entries are dropped on the next write."""
+    cache.mkdir(parents=True)
+    path = cache / tuning.tuning_file_name(FAKE_GPU)
+    path.write_text('{"ops": {"modulated_norm": {"old": {"config": {"num_warps": 2}, "ms": NaN}}}}')
+    config = dict(TILE_ELEMENTS=1024, num_warps=2, num_stages=1)
+    with pytest.warns(UserWarning, match=r"dropping malformed entries.*modulated_norm \[old\]"):
+        tuning.store_configs(FAKE_GPU, {"modulated_norm": {"new": {"config": config, "ms": 0.5}}})
+    assert _strict(path.read_text())["ops"] == {"modulated_norm": {"new": {"config": config, "ms": 0.5}}}
+
+
+def test_nan_timings_never_win_autotuning(cache, fake_gpu):
+    # The NaN comes first: min() over timings with a NaN first would keep it.
+    fake_gpu.bench = lambda shape, config, device: float("nan") if config["num_warps"] == 1 else 1.0 / config["num_warps"]
+    results = tuning.run_autotune(["toy"], "nitro-ar", "cuda")
+    assert results["toy"]["small"] == {"config": dict(num_warps=8, num_stages=1), "ms": 1.0 / 8}
+    _strict((cache / tuning.tuning_file_name(FAKE_GPU)).read_text())
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o077])
+def test_tuning_file_mode_follows_the_umask_and_no_temporary_is_left(cache, mask):
+    old = os.umask(mask)
+    try:
+        path = tuning.store_configs(FAKE_GPU, {"modulated_norm": {"b": {"config": dict(num_warps=2), "ms": 1.0}}})
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~mask
+    assert sorted(p.name for p in cache.iterdir()) == sorted([path.name, path.name + ".lock"])
