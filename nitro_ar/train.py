@@ -522,10 +522,17 @@ class Trainer:
         return [p for p in self._step_folders() if _checkpoint_problem(p) is None]
 
     def _sweep_partial_checkpoints(self) -> None:
-        """Remove what killed runs left: partial checkpoint folders and temporary files."""
+        """Clear what a killed save left: a complete partial folder whose step folder is gone
+        (killed between the two renames of the portable swap) is put in place; other partial
+        folders and temporary files are removed."""
         for path in self.ckpt_root.glob(".step-*" + PARTIAL_SUFFIX):
-            logger.warning("removing the incomplete checkpoint %s of an interrupted save", path)
-            shutil.rmtree(path, ignore_errors=True)
+            final = self.ckpt_root / path.name[1 : -len(PARTIAL_SUFFIX)]
+            if not final.exists() and STEP_RE.fullmatch(final.name) and _checkpoint_problem(path) is None:
+                logger.warning("completing the interrupted save of %s", final)
+                commit_dir(path, final)
+            else:
+                logger.warning("removing %s, left by an interrupted save", path)
+                shutil.rmtree(path, ignore_errors=True)
         sweep_stale(self.ckpt_root)
 
     def _build_model(self, resume: Optional[Path]) -> NitroAR:

@@ -20,7 +20,7 @@ from diffusers.training_utils import compute_density_for_timestep_sampling
 
 import nitro_ar.fast
 from nitro_ar import NitroAR, NitroARConfig
-from nitro_ar.checkpoint import read_state_dict
+from nitro_ar.checkpoint import CheckpointError, read_state_dict
 from nitro_ar.data import DatasetError, make_synthetic_dataset
 from nitro_ar.objectives import (
     HeadGenerator,
@@ -508,3 +508,133 @@ def test_corrupt_shard_stops_training_unless_skipped(tmp_path):
         Trainer(_one_step_config(data, tmp_path / "o"))
     trainer = Trainer(_one_step_config(data, tmp_path / "o", on_bad_shard="skip"))
     assert len(trainer.dataset) == 4
+
+
+# --------------------------------------------------------------------------------------------
+# crash safety: re-saving a step, resume fallback, log and RNG after a resume, non-finite losses
+# --------------------------------------------------------------------------------------------
+class SimulatedKill(BaseException):
+    """Raised at a crash point: like SIGKILL, nothing up the stack cleans up for it."""
+
+
+def _crash_at(monkeypatch, stage):
+    from nitro_ar.kernels import atomic_files
+
+    def crash_point(name):
+        if name == stage:
+            raise SimulatedKill(stage)
+
+    monkeypatch.setattr(atomic_files, "crash_point", crash_point)
+
+
+def _samples_in(path):
+    return json.loads((path / "state.json").read_text())["samples_consumed"]
+
+
+RESAVE_STAGES = [(True, "file-written"), (True, "dir-built"), (True, "dir-exchanged"), (True, "dir-committed"),
+                 (True, "checkpoint-committed"), (True, "latest-written"), (False, "dir-aside")]
+
+
+def test_a_crash_while_re_saving_a_step_leaves_a_resumable_checkpoint(data_dir, tmp_path, monkeypatch, caplog):
+    from nitro_ar.kernels import atomic_files
+    from nitro_ar.train import _checkpoint_problem
+
+    trainer = Trainer(_one_step_config(data_dir, tmp_path / "o", save_every=1))
+    trainer.train_step()
+    first = trainer.save_checkpoint()
+    ckpts = first.parent
+    for exchange, stage in RESAVE_STAGES:
+        old = _samples_in(first)
+        trainer.samples_consumed += 1  # the re-saved copy is told apart by its state
+        with monkeypatch.context() as patch:
+            _crash_at(patch, stage)
+            if not exchange:
+                patch.setattr(atomic_files, "_exchange", lambda a, b: False)
+            with pytest.raises(SimulatedKill):
+                trainer.save_checkpoint()
+        with caplog.at_level(logging.WARNING, logger="nitro_ar.train"):
+            found = trainer._find_resume()  # also sweeps what the "killed" save left
+        assert found == first and _checkpoint_problem(found) is None, stage
+        assert _samples_in(found) in (old, trainer.samples_consumed), stage
+        assert (ckpts / "latest").read_text() == first.name
+        NitroAR.from_pretrained(found / "model")
+        # Only temporaries of a live writer may stay (here: this process, the "killed" one).
+        kept = [p.name for p in ckpts.iterdir() if not atomic_files.is_temp(p)]
+        assert sorted(kept) == ["latest", first.name], stage
+
+
+def test_resume_falls_back_to_the_newest_complete_checkpoint(data_dir, tmp_path, caplog):
+    trainer = Trainer(parse_config(train_args(data_dir, tmp_path / "o", max_steps=2)))
+    trainer.train_step()
+    one = trainer.save_checkpoint()
+    trainer.train_step()
+    two = trainer.save_checkpoint()
+    latest = one.parent / "latest"
+    assert trainer._find_resume() == two
+
+    def fallback(expected, message):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="nitro_ar.train"):
+            assert trainer._find_resume() == expected
+        assert any(message in r.getMessage() and "newest complete" in r.getMessage() for r in caplog.records), caplog.text
+
+    latest.unlink()
+    fallback(two, "latest is missing")
+    latest.write_bytes(b"\xff\x00garbage")
+    fallback(two, "latest is unreadable")
+    latest.write_text("../../elsewhere")
+    fallback(two, "not a checkpoint name")
+    latest.write_text("")
+    fallback(two, "latest is empty")
+    latest.write_text(two.name)
+    (two / "state.json").write_text('{"step": 2, "samp')  # torn marker: step 2 is not complete
+    fallback(one, "names step-00000002, which is not complete")
+    with pytest.raises(CheckpointError, match="not a complete training checkpoint"):
+        Trainer(_one_step_config(data_dir, tmp_path / "o", resume_from=str(two)))
+    (one / "state.json").unlink()
+    with pytest.raises(CheckpointError, match="holds no complete checkpoint; pass --resume-from none"):
+        trainer._find_resume()
+    assert main(train_args(data_dir, tmp_path / "o", max_steps=1)) == 2
+
+
+@pytest.mark.slow
+def test_resumed_run_has_the_log_and_rng_of_the_uninterrupted_run(data_dir, tmp_path):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert main(train_args(data_dir, straight, max_steps=4, save_every=2, batch_size=2)) == 0
+    assert main(train_args(data_dir, split, max_steps=2, save_every=2, batch_size=2)) == 0
+    # What a run killed after logging step 3 (and half of step 4) leaves behind.
+    with open(split / "train_log.jsonl", "a") as log:
+        log.write(json.dumps({"step": 3, "loss": 123.0}) + "\n" + '{"step": 4, "lo')
+    assert main(train_args(data_dir, split, max_steps=4, save_every=2, batch_size=2)) == 0
+    rows = [json.loads(line) for line in (split / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    reference = read_log(straight)
+    assert all(r["loss"] == pytest.approx(reference[r["step"]]["loss"], rel=1e-6) for r in rows)
+    assert_same_tensors(read_state_dict(checkpoint(split, 4) / "rng-0.safetensors"),
+                        read_state_dict(checkpoint(straight, 4) / "rng-0.safetensors"), rtol=0, atol=0)
+
+
+def test_non_finite_losses_skip_the_update_then_stop_training(data_dir, tmp_path, monkeypatch, caplog):
+    from nitro_ar.errors import TrainingError
+
+    real_forward = MaskedARObjective.forward
+
+    def nan_loss(self, *args, **kwargs):
+        losses = real_forward(self, *args, **kwargs)
+        return {**losses, "loss": losses["loss"] * float("nan")}
+
+    monkeypatch.setattr(MaskedARObjective, "forward", nan_loss)
+    trainer = Trainer(parse_config(train_args(data_dir, tmp_path / "o", max_steps=10, max_nonfinite_steps=2, ema="true")))
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    shadow = {k: v.clone() for k, v in trainer.ema.shadow.items()}
+    with caplog.at_level(logging.WARNING, logger="nitro_ar.train"), \
+            pytest.raises(TrainingError, match=r"not finite \(nan\) for 3 steps in a row.*max_nonfinite_steps=2"):
+        trainer.train()
+    assert trainer.step == 3
+    assert_same_tensors(trainer.model.state_dict(), before, rtol=0, atol=0)
+    assert_same_tensors(trainer.ema.shadow, shadow, rtol=0, atol=0)
+    assert sum("update skipped" in r.getMessage() for r in caplog.records) == 3
+    rows = [json.loads(line) for line in (tmp_path / "o" / "train_log.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["loss"]) for r in rows] == [(1, None), (2, None), (3, None)]
+    with pytest.raises(ConfigError, match="max_nonfinite_steps"):
+        _one_step_config(data_dir, tmp_path / "p", max_nonfinite_steps=-1)
