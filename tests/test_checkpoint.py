@@ -1,5 +1,6 @@
 """Loading and saving: both layouts, dtypes, meta construction, and clear errors."""
 import json
+import os
 
 import pytest
 import torch
@@ -8,6 +9,7 @@ from safetensors.torch import load_file, save_file
 from factories import tiny_ar, tiny_ar_config, tiny_e
 from nitro_ar import CheckpointError, NitroAR, NitroE
 from nitro_ar.checkpoint import OFFICIAL_FILES, infer_config
+from nitro_ar.errors import ConfigError
 
 
 def _official_file(model, path):
@@ -119,3 +121,36 @@ def test_missing_path_and_bad_config_json(tmp_path):
 def test_infer_config_nitro_e():
     cfg = infer_config(tiny_e().state_dict())
     assert cfg.inner_dim == 64 and cfg.caption_channels == 48 and cfg.asa_pattern == ((1, 1), (4, 1), (4, 4))
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o077])
+def test_saved_files_follow_the_umask(tmp_path, mask):
+    old = os.umask(mask)
+    try:
+        model = tiny_ar("gan", block_groups=(1, 1, 1))
+        model.save_pretrained(tmp_path / "own")
+        model.save_official(tmp_path / "official.safetensors")
+    finally:
+        os.umask(old)
+    for file in (tmp_path / "own" / "config.json", tmp_path / "own" / "model.safetensors", tmp_path / "official.safetensors"):
+        assert file.stat().st_mode & 0o777 == 0o666 & ~mask, file
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["config.json", "model.safetensors", "official.safetensors", "own"]
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("shift", 0, r"shift=0 is not accepted: expected a finite number > 0"),
+    ("num_attention_heads", "2", r"num_attention_heads='2' is not accepted: expected an integer >= 1"),
+    ("head_steps", 2.9, r"head_steps=2.9 is not accepted"),
+    ("block_groups", [1, 1], r"block_groups=\[1, 1\] is not accepted"),
+    ("colour", "red", r"unknown NitroARConfig fields: \['colour'\]"),
+])
+def test_config_json_values_are_validated_before_loading(tmp_path, key, value, message):
+    tiny_ar("gan", block_groups=(1, 1, 1)).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, key: value}))
+    with pytest.raises(ConfigError, match=message) as err:
+        NitroAR.from_pretrained(tmp_path)
+    assert str(tmp_path / "config.json") in str(err.value)
+    (tmp_path / "config.json").write_text("[1, 2]")
+    with pytest.raises(ConfigError, match="expected a JSON object"):
+        NitroAR.from_pretrained(tmp_path)
