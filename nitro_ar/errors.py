@@ -9,6 +9,9 @@ from __future__ import annotations
 
 from typing import Any
 
+# The kernels (torch and triton only) raise their own ValueError subclass; re-exported here.
+from .kernels.errors import KernelInputError
+
 __all__ = [
     "NitroARError",
     "InvalidArgumentError",
@@ -17,6 +20,7 @@ __all__ = [
     "DatasetError",
     "TuningCacheError",
     "HubError",
+    "KernelInputError",
     "invalid",
 ]
 
