@@ -42,6 +42,7 @@ __all__ = [
     "flow_step",
     "flow_step_forward",
     "flow_step_backward",
+    "launch_plan",
     "FlowStepFunction",
     "CONFIGS",
     "candidate_configs",
@@ -158,6 +159,13 @@ def _config(op_name: str, elements: int, device: torch.device) -> dict:
     return get_config(op_name, device, tuning_bucket(dict(rows=elements, tokens=1, channels=1)))
 
 
+def launch_plan(elements: int, guided: bool, block: int) -> Tuple[Tuple[int], bool]:
+    """(grid, INDEX_64) of a launch over ``elements`` values of x: v (or its gradient), with 2N
+    rows when guided, is the largest tensor addressed. Sizes only, so it is testable without
+    allocating."""
+    return (triton.cdiv(elements, block),), needs_int64(elements * (2 if guided else 1))
+
+
 def flow_step_forward(x: torch.Tensor, v: torch.Tensor, sigma: torch.Tensor, sigma_next: torch.Tensor, cfg: float,
                       guided: bool, *, config: Optional[dict] = None) -> torch.Tensor:
     """Launch the forward kernel on checked, contiguous inputs.
@@ -175,10 +183,9 @@ def flow_step_forward(x: torch.Tensor, v: torch.Tensor, sigma: torch.Tensor, sig
     if elements == 0:
         return out
     config = config or _config("flow_step", elements, v.device)
-    grid = (triton.cdiv(elements, config["BLOCK"]),)
-    # v, with 2N rows when guided, is the largest tensor addressed.
+    grid, index_64 = launch_plan(elements, guided, config["BLOCK"])
     _flow_step_fwd_kernel[grid](x, v, out, sigma, sigma_next, elements, cfg, GUIDED=guided, BLOCK=config["BLOCK"],
-                                INDEX_64=needs_int64(elements * (2 if guided else 1)), **CONFIGS.launch_options(config))
+                                INDEX_64=index_64, **CONFIGS.launch_options(config))
     return out
 
 
@@ -204,11 +211,11 @@ def flow_step_backward(grad: torch.Tensor, x_dtype: torch.dtype, v_dtype: torch.
     if elements == 0 or not (need_x or need_v):
         return grad_x, grad_v
     config = config or _config("flow_step_backward", elements, grad.device)
-    grid = (triton.cdiv(elements, config["BLOCK"]),)
+    grid, index_64 = launch_plan(elements, guided, config["BLOCK"])
     _flow_step_bwd_kernel[grid](
         grad, grad_x if need_x else grad, grad_v if need_v else grad, sigma, sigma_next, elements, cfg,
-        GUIDED=guided, NEED_GRAD_X=need_x, NEED_GRAD_V=need_v, BLOCK=config["BLOCK"],
-        INDEX_64=needs_int64(elements * (2 if guided else 1)), **CONFIGS.launch_options(config))
+        GUIDED=guided, NEED_GRAD_X=need_x, NEED_GRAD_V=need_v, BLOCK=config["BLOCK"], INDEX_64=index_64,
+        **CONFIGS.launch_options(config))
     return grad_x, grad_v
 
 
