@@ -10,6 +10,7 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from storage import LAYOUTS, in_storage
 
 from nitro_ar.kernels import modulated_norm as mn
 from nitro_ar.kernels import reference, tuning_problems
@@ -93,7 +94,7 @@ class Problem:
 
     def restore(self, name, layout):
         """Give argument ``name`` (a kwarg, an AdaLN field or x) the same values in another
-        storage (see :func:`in_storage`), as a new leaf."""
+        storage (:func:`storage.in_storage`), as a new leaf."""
         if name == "x":
             self.x = in_storage(self.leaf("x", self.x.detach().clone()), layout)
         elif name in ("temb", "ada_bias", "ada_scale"):
@@ -291,30 +292,6 @@ def test_tuning_shapes_and_buckets():
         tuning_problems.modulated_norm_shapes("sd3")
 
 
-def in_storage(tensor, layout):
-    """The values of ``tensor`` in another storage, differentiable back to it:
-
-    - ``strided``: every other slice of a twice-as-long buffer along the first dim (a 1-D
-      parameter then has stride 2 over D);
-    - ``expanded``: the first slice broadcast with stride 0 along the first dim;
-    - ``nan-padded``: the middle of a NaN-filled buffer one element larger on every side
-      (three on the last dim), so a read outside the view shows.
-    """
-    if layout == "expanded":
-        return tensor[:1].expand_as(tensor)
-    if layout == "strided":
-        buffer = torch.full((2 * tensor.shape[0], *tensor.shape[1:]), float("nan"), dtype=tensor.dtype,
-                            device=tensor.device)
-        buffer[::2] = tensor
-        return buffer[::2]
-    assert layout == "nan-padded", layout
-    buffer = torch.full([size + 2 for size in tensor.shape[:-1]] + [tensor.shape[-1] + 4], float("nan"),
-                        dtype=tensor.dtype, device=tensor.device)
-    middle = tuple(slice(1, 1 + size) for size in tensor.shape)
-    buffer[middle] = tensor
-    return buffer[middle]
-
-
 # Each tensor argument, in the problem that reads it (per-token chunks, or AdaLN).
 STORAGE_ARGUMENTS = {name: dict(modulation="token", residual="token")
                      for name in ("x", "residual", "shift", "scale", "gate", "weight", "bias")}
@@ -322,7 +299,7 @@ STORAGE_ARGUMENTS.update({name: dict(modulation="adaln", residual="adaln") for n
 STORAGE_ARGUMENTS["batch-shift"] = dict(modulation="batch", residual="batch")
 
 
-@pytest.mark.parametrize("layout", ["strided", "expanded", "nan-padded"])
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("name", sorted(STORAGE_ARGUMENTS))
 def test_every_argument_in_any_storage(name, layout):
     """Every tensor argument, strided, expanded or NaN-padded: the kernels read it through its
