@@ -8,6 +8,10 @@ Backends (``NITRO_AR_BACKEND`` overrides the automatic choice):
 - ``torch``: plain PyTorch with every saving that needs no custom kernel (CPU default).
 - ``reference``: the eager reference modules, untouched.
 
+Every op decides here, once per call, whether its kernel runs: :func:`select_backend` (the
+backend for a device) and :func:`kernel_runs` (the kernel for these tensors, or a warned
+fallback to the eager reference of :mod:`nitro_ar.kernels.reference`).
+
 Nothing here imports Triton at module import time, so ``import nitro_ar`` works without it.
 """
 from __future__ import annotations
@@ -15,14 +19,21 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import warnings
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
+
+from .errors import KernelInputError
 
 logger = logging.getLogger("nitro_ar")
 
 BACKENDS = ("triton", "interpret", "torch", "reference")
+# The backends on which the Triton kernels run (compiled, or in the CPU interpreter).
+KERNEL_BACKENDS = ("triton", "interpret")
+# Dtypes every kernel takes; others (float64, ...) run the eager reference.
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 ENV_BACKEND = "NITRO_AR_BACKEND"
 
 # Config keys that only AMD's Triton backend understands; passing them on CUDA raises.
@@ -108,7 +119,7 @@ def requested_backend() -> Optional[str]:
     if not value:
         return None
     if value not in BACKENDS:
-        raise ValueError(f"{ENV_BACKEND}={value!r} is not one of {', '.join(BACKENDS)}")
+        raise KernelInputError(f"{ENV_BACKEND}={value!r} is not accepted: expected one of {', '.join(BACKENDS)}")
     return value
 
 
@@ -130,7 +141,7 @@ def select_backend(device: torch.device, requested: Optional[str] = None) -> str
         else:
             choice = "torch"
     if choice not in BACKENDS:
-        raise ValueError(f"unknown backend {choice!r}; expected one of {', '.join(BACKENDS)}")
+        raise KernelInputError(f"backend={choice!r} is not accepted: expected one of {', '.join(BACKENDS)}")
     if choice in ("triton", "interpret"):
         if not triton_available():
             _announce("nitro_ar: Triton is not installed; using the torch backend")
@@ -145,9 +156,39 @@ def select_backend(device: torch.device, requested: Optional[str] = None) -> str
             _announce("nitro_ar: the Triton interpreter must be enabled with TRITON_INTERPRET=1 before Triton is imported; using the torch backend")
             return "torch"
         if choice == "interpret" and device.type != "cpu":
-            raise ValueError("the Triton interpreter runs on CPU tensors only")
+            raise KernelInputError(f"backend='interpret' is not accepted for tensors on {device.type}: "
+                                   "the Triton interpreter runs on CPU tensors only")
     _announce(f"nitro_ar: backend {choice} on {device.type}")
     return choice
+
+
+_fallbacks_warned: set = set()
+
+
+def fallback_warning(op: str, reason: str) -> None:
+    """Warn once per (op, reason) that an op runs its eager reference instead of its kernel."""
+    if (op, reason) not in _fallbacks_warned:
+        _fallbacks_warned.add((op, reason))
+        warnings.warn(f"nitro_ar: {op} falls back to torch ({reason})", RuntimeWarning, stacklevel=3)
+
+
+def kernel_runs(op: str, backend: str, tensors: Sequence[Optional[torch.Tensor]],
+                unsupported: Optional[str] = None) -> bool:
+    """Whether ``op`` runs its kernel on ``backend`` (a name :func:`select_backend` returned)
+    for ``tensors`` (None entries ignored): a kernel backend, kernel dtypes, and no
+    ``unsupported`` reason (e.g. a head_dim the kernel was not built for). A kernel backend
+    that cannot take these tensors warns once per op and reason (:func:`fallback_warning`).
+    """
+    if backend not in KERNEL_BACKENDS:
+        return False
+    for tensor in tensors:
+        if tensor is not None and tensor.dtype not in KERNEL_DTYPES:
+            fallback_warning(op, f"dtype {tensor.dtype}")
+            return False
+    if unsupported is not None:
+        fallback_warning(op, unsupported)
+        return False
+    return True
 
 
 def validate_config(config: dict, vendor: str) -> None:

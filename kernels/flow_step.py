@@ -16,8 +16,11 @@ captured in a CUDA/HIP graph.
 
 Kernels: ``_flow_step_fwd_kernel`` and ``_flow_step_bwd_kernel`` (d x = g, d v_c = cfg dt g,
 d v_u = dt g - d v_c, both halves of dv written by one program), one program per BLOCK
-elements. Launch configs (CUDA and HIP lists, a default per arch) are registered with
-:mod:`nitro_ar.kernels.tuning` as the ops ``flow_step`` and ``flow_step_backward``.
+elements, with int32 offsets unless v spans 2^31 elements or more (``INDEX_64``). Launch configs
+(CUDA and HIP lists, a default per arch: one :class:`~nitro_ar.kernels.launch.ConfigTable`) are
+tuned as the ops ``flow_step`` and ``flow_step_backward`` (problems:
+:mod:`nitro_ar.kernels.tuning_problems`). The eager reference is
+:func:`nitro_ar.kernels.reference.flow_step`.
 """
 from __future__ import annotations
 
@@ -28,21 +31,22 @@ import torch
 import triton
 import triton.language as tl
 
-from nitro_ar.schedules import euler_step
-
-from .backend import select_backend
-from .tuning import get_config, register_kernel_ops
+from . import reference
+from .backend import KERNEL_BACKENDS, select_backend
+from .errors import KernelInputError
+from .launch import ConfigTable, needs_int64
+from .offsets import widen
+from .tuning import get_config
 
 __all__ = [
     "flow_step",
     "flow_step_forward",
     "flow_step_backward",
+    "launch_plan",
     "FlowStepFunction",
-    "CUDA_CONFIGS",
-    "HIP_CONFIGS",
+    "CONFIGS",
     "candidate_configs",
     "default_config",
-    "tuning_shapes",
     "tuning_bucket",
 ]
 
@@ -61,12 +65,12 @@ def _step_size(sigma_ptr, sigma_next_ptr):
 
 @triton.jit
 def _flow_step_fwd_kernel(x_ptr, v_ptr, out_ptr, sigma_ptr, sigma_next_ptr, n_elements, cfg, GUIDED: tl.constexpr,
-                          BLOCK: tl.constexpr):
+                          BLOCK: tl.constexpr, INDEX_64: tl.constexpr):
     """Grid (cdiv(n_elements, BLOCK),). x and out hold n_elements contiguous values; v holds
     n_elements (unguided) or 2 * n_elements ([uncond; cond], guided); sigma / sigma_next point
     to float32 scalars."""
     dt = _step_size(sigma_ptr, sigma_next_ptr)
-    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    offsets = widen(tl.program_id(0), INDEX_64) * BLOCK + tl.arange(0, BLOCK)
     mask = offsets < n_elements
     x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     if GUIDED:
@@ -81,10 +85,10 @@ def _flow_step_fwd_kernel(x_ptr, v_ptr, out_ptr, sigma_ptr, sigma_next_ptr, n_el
 @triton.jit
 def _flow_step_bwd_kernel(grad_ptr, grad_x_ptr, grad_v_ptr, sigma_ptr, sigma_next_ptr, n_elements, cfg,
                           GUIDED: tl.constexpr, NEED_GRAD_X: tl.constexpr, NEED_GRAD_V: tl.constexpr,
-                          BLOCK: tl.constexpr):
+                          BLOCK: tl.constexpr, INDEX_64: tl.constexpr):
     """Grid (cdiv(n_elements, BLOCK),). grad and grad_x hold n_elements contiguous values,
     grad_v n_elements or 2 * n_elements ([uncond; cond])."""
-    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    offsets = widen(tl.program_id(0), INDEX_64) * BLOCK + tl.arange(0, BLOCK)
     mask = offsets < n_elements
     grad = tl.load(grad_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     if NEED_GRAD_X:
@@ -100,12 +104,13 @@ def _flow_step_bwd_kernel(grad_ptr, grad_x_ptr, grad_v_ptr, sigma_ptr, sigma_nex
 
 
 # --------------------------------------------------------------------------------------------
-# Launch configs per backend, and their registration with the tuner
+# Launch configs per backend, and host launchers
 # --------------------------------------------------------------------------------------------
 # A memory-bound elementwise pass over a few thousand (MLP head: rows x 32) to a few hundred
 # thousand (transformer head: images x 256 x 32) values: BLOCK trades programs against values
 # per lane (BLOCK / (lane width x num_warps), kept at 2..16). No tl.dot and no shared memory, so
-# the only HIP-specific key is the occupancy hint waves_per_eu; HIP lanes are 64 wide.
+# the only HIP-specific key is the occupancy hint waves_per_eu (a tuning candidate; the default
+# leaves it to the compiler); HIP lanes are 64 wide. Forward and backward share the table.
 _BLOCKS = (256, 512, 1024, 2048, 4096)
 
 
@@ -113,20 +118,19 @@ def _fits(block: int, warps: int, lane_width: int) -> bool:
     return 2 <= block // (lane_width * warps) <= 16
 
 
-CUDA_CONFIGS = [dict(BLOCK=block, num_warps=warps, num_stages=1)
-                for block in _BLOCKS for warps in (1, 2, 4, 8) if _fits(block, warps, 32)]
-HIP_CONFIGS = [dict(BLOCK=block, num_warps=warps, num_stages=1, waves_per_eu=waves)
-               for block in _BLOCKS for warps in (1, 2, 4, 8) for waves in (0, 2) if _fits(block, warps, 64)]
 # The interpreter ignores launch options; one large block means few interpreted programs.
 INTERPRETER_CONFIG = dict(BLOCK=4096, num_warps=4, num_stages=1)
-
-_CONFIG_LISTS = {"cuda": CUDA_CONFIGS, "hip": HIP_CONFIGS, "cpu": [INTERPRETER_CONFIG]}
-# Untuned starting points: 8 values per lane on both vendors.
-_DEFAULTS = {
-    "cuda": dict(BLOCK=1024, num_warps=4, num_stages=1),
-    "hip": dict(BLOCK=2048, num_warps=4, num_stages=1),
-    "cpu": INTERPRETER_CONFIG,
-}
+CONFIGS = ConfigTable(
+    cuda=[dict(BLOCK=block, num_warps=warps, num_stages=1)
+          for block in _BLOCKS for warps in (1, 2, 4, 8) if _fits(block, warps, 32)],
+    hip=[dict(BLOCK=block, num_warps=warps, num_stages=1, waves_per_eu=waves)
+         for block in _BLOCKS for warps in (1, 2, 4, 8) for waves in (0, 2) if _fits(block, warps, 64)],
+    interpreter=dict(INTERPRETER_CONFIG),
+    # Untuned starting points: 8 values per lane on both vendors.
+    defaults=[("cuda", "", dict(BLOCK=1024, num_warps=4, num_stages=1)),
+              ("hip", "", dict(BLOCK=2048, num_warps=4, num_stages=1))],
+    host_keys=("BLOCK",),
+)
 OP_NAMES = ("flow_step", "flow_step_backward")
 
 
@@ -135,30 +139,14 @@ def candidate_configs(op_name: str, vendor: str) -> List[dict]:
     ("cuda" | "hip" | "cpu"); forward and backward share the list."""
     if op_name not in OP_NAMES:
         raise ValueError(f"unknown op {op_name!r}")
-    if vendor not in _CONFIG_LISTS:
-        raise ValueError(f"unknown vendor {vendor!r}")
-    return [dict(config) for config in _CONFIG_LISTS[vendor]]
+    return CONFIGS.candidates(vendor)
 
 
 def default_config(op_name: str, vendor: str, arch: str) -> dict:
     """The untuned config of ``op_name`` on (vendor, arch)."""
     if op_name not in OP_NAMES:
         raise ValueError(f"unknown op {op_name!r}")
-    if vendor not in _DEFAULTS:
-        raise ValueError(f"unknown vendor {vendor!r}")
-    return dict(_DEFAULTS[vendor])
-
-
-def tuning_shapes(shape_set: str) -> List[dict]:
-    """Problem shapes of ``"nitro-ar"`` (MLP head rows per AR step, transformer head images;
-    CFG on, bf16). Nitro-E samples without a head: ``"nitro-e"`` has none."""
-    if shape_set not in ("nitro-ar", "nitro-e", "all"):
-        raise ValueError(f"unknown shape set {shape_set!r}; expected nitro-ar, nitro-e or all")
-    if shape_set == "nitro-e":
-        return []
-    rows = [dict(rows=rows, tokens=1) for rows in (16, 64, 256)]
-    images = [dict(rows=batch, tokens=256) for batch in (1, 4, 16)]
-    return [dict(shape, channels=32, guided=True, dtype="bfloat16") for shape in rows + images]
+    return CONFIGS.default(vendor, arch)
 
 
 def tuning_bucket(shape: dict) -> str:
@@ -167,45 +155,15 @@ def tuning_bucket(shape: dict) -> str:
     return f"n{min(triton.next_power_of_2(elements), 1 << 22)}"
 
 
-def _tuning_problem(shape: dict, device: torch.device):
-    """x, v and the (sigma, sigma_next) pair of one tuning shape."""
-    dtype = getattr(torch, shape["dtype"])
-    x = torch.randn(shape["rows"], shape["tokens"], shape["channels"], device=device, dtype=dtype)
-    v = torch.randn((2 if shape["guided"] else 1) * shape["rows"], shape["tokens"], shape["channels"],
-                    device=device, dtype=dtype)
-    sigmas = torch.tensor([0.667, 0.334], device=device)
-    return x, v, sigmas[0], sigmas[1]
-
-
-def _bench_forward(shape: dict, config: dict, device: torch.device) -> float:
-    x, v, sigma, sigma_next = _tuning_problem(shape, device)
-    return triton.testing.do_bench(
-        lambda: flow_step_forward(x, v, sigma, sigma_next, 4.0, shape["guided"], config=config))
-
-
-def _bench_backward(shape: dict, config: dict, device: torch.device) -> float:
-    x, v, sigma, sigma_next = _tuning_problem(shape, device)
-    grad = torch.randn_like(x)
-    return triton.testing.do_bench(lambda: flow_step_backward(
-        grad, x.dtype, v.dtype, sigma, sigma_next, 4.0, shape["guided"], needs=(True, True), config=config))
-
-
-register_kernel_ops(dict(zip(OP_NAMES, (_bench_forward, _bench_backward))), candidate_configs, default_config,
-                    tuning_shapes, tuning_bucket)
-
-
-# --------------------------------------------------------------------------------------------
-# Host launchers and autograd
-# --------------------------------------------------------------------------------------------
-_HOST_KEYS = ("BLOCK",)
-
-
 def _config(op_name: str, elements: int, device: torch.device) -> dict:
     return get_config(op_name, device, tuning_bucket(dict(rows=elements, tokens=1, channels=1)))
 
 
-def _launch_options(config: dict) -> dict:
-    return {key: value for key, value in config.items() if key not in _HOST_KEYS}
+def launch_plan(elements: int, guided: bool, block: int) -> Tuple[Tuple[int], bool]:
+    """(grid, INDEX_64) of a launch over ``elements`` values of x: v (or its gradient), with 2N
+    rows when guided, is the largest tensor addressed. Sizes only, so it is testable without
+    allocating."""
+    return (triton.cdiv(elements, block),), needs_int64(elements * (2 if guided else 1))
 
 
 def flow_step_forward(x: torch.Tensor, v: torch.Tensor, sigma: torch.Tensor, sigma_next: torch.Tensor, cfg: float,
@@ -225,9 +183,9 @@ def flow_step_forward(x: torch.Tensor, v: torch.Tensor, sigma: torch.Tensor, sig
     if elements == 0:
         return out
     config = config or _config("flow_step", elements, v.device)
-    grid = (triton.cdiv(elements, config["BLOCK"]),)
+    grid, index_64 = launch_plan(elements, guided, config["BLOCK"])
     _flow_step_fwd_kernel[grid](x, v, out, sigma, sigma_next, elements, cfg, GUIDED=guided, BLOCK=config["BLOCK"],
-                                **_launch_options(config))
+                                INDEX_64=index_64, **CONFIGS.launch_options(config))
     return out
 
 
@@ -253,13 +211,17 @@ def flow_step_backward(grad: torch.Tensor, x_dtype: torch.dtype, v_dtype: torch.
     if elements == 0 or not (need_x or need_v):
         return grad_x, grad_v
     config = config or _config("flow_step_backward", elements, grad.device)
-    grid = (triton.cdiv(elements, config["BLOCK"]),)
+    grid, index_64 = launch_plan(elements, guided, config["BLOCK"])
     _flow_step_bwd_kernel[grid](
         grad, grad_x if need_x else grad, grad_v if need_v else grad, sigma, sigma_next, elements, cfg,
-        GUIDED=guided, NEED_GRAD_X=need_x, NEED_GRAD_V=need_v, BLOCK=config["BLOCK"], **_launch_options(config))
+        GUIDED=guided, NEED_GRAD_X=need_x, NEED_GRAD_V=need_v, BLOCK=config["BLOCK"], INDEX_64=index_64,
+        **CONFIGS.launch_options(config))
     return grad_x, grad_v
 
 
+# --------------------------------------------------------------------------------------------
+# Autograd Function
+# --------------------------------------------------------------------------------------------
 class FlowStepFunction(torch.autograd.Function):
     """Autograd wrapper of the kernels: ``apply(x, v, sigma, sigma_next, cfg, guided)`` on
     contiguous, checked inputs (no gradient for the sigmas: the schedule is fixed). Use
@@ -280,12 +242,12 @@ class FlowStepFunction(torch.autograd.Function):
 
 
 # --------------------------------------------------------------------------------------------
-# Public entry point
+# Validation
 # --------------------------------------------------------------------------------------------
 def _sigma(name: str, value: Scalar, device: torch.device) -> torch.Tensor:
     """A sigma as a 0-dim float32 tensor on ``device`` (no copy when it already is one)."""
     if isinstance(value, torch.Tensor) and value.numel() != 1:
-        raise ValueError(f"{name} must be a scalar, got a tensor of shape {tuple(value.shape)}")
+        raise KernelInputError(f"{name} must be a scalar, got a tensor of shape {tuple(value.shape)}")
     return torch.as_tensor(value, dtype=torch.float32, device=device).reshape(())
 
 
@@ -293,39 +255,33 @@ def _check(x: torch.Tensor, v: torch.Tensor, cfg: float) -> bool:
     """Validate the arguments of :func:`flow_step`; return whether v holds [uncond; cond]."""
     for name, tensor in (("x", x), ("v", v)):
         if not isinstance(tensor, torch.Tensor):
-            raise ValueError(f"{name} must be a tensor, got {type(tensor).__name__}")
+            raise KernelInputError(f"{name} must be a tensor, got {type(tensor).__name__}")
         if tensor.dtype not in SUPPORTED_DTYPES:
-            raise ValueError(f"{name} has dtype {tensor.dtype}; supported: float32, float16, bfloat16")
+            raise KernelInputError(f"{name} has dtype {tensor.dtype}; supported: float32, float16, bfloat16")
         if tensor.dim() < 1:
-            raise ValueError(f"{name} must have a leading row dimension, got a 0-dim tensor")
+            raise KernelInputError(f"{name} must have a leading row dimension, got a 0-dim tensor")
     if x.device != v.device:
-        raise ValueError(f"x is on {x.device} but v is on {v.device}")
+        raise KernelInputError(f"x is on {x.device} but v is on {v.device}")
     if v.shape[1:] != x.shape[1:]:
-        raise ValueError(f"v {tuple(v.shape)} and x {tuple(x.shape)} differ beyond the row dimension")
+        raise KernelInputError(f"v {tuple(v.shape)} and x {tuple(x.shape)} differ beyond the row dimension")
     rows = x.shape[0]
     if v.shape[0] == 2 * rows:
         guided = True
     elif v.shape[0] == rows:
         guided = False
     else:
-        raise ValueError(f"v has {v.shape[0]} rows; expected {rows} (no guidance) or {2 * rows} "
-                         f"([uncond; cond]) for x {tuple(x.shape)}")
+        raise KernelInputError(f"v has {v.shape[0]} rows; expected {rows} (no guidance) or {2 * rows} "
+                               f"([uncond; cond]) for x {tuple(x.shape)}")
     if not math.isfinite(cfg):
-        raise ValueError(f"cfg must be finite, got {cfg}")
+        raise KernelInputError(f"cfg must be finite, got {cfg}")
     if not guided and cfg != 1.0:
-        raise ValueError(f"cfg={cfg} needs v with [uncond; cond] rows ({2 * rows}), got {v.shape[0]}")
+        raise KernelInputError(f"cfg={cfg} needs v with [uncond; cond] rows ({2 * rows}), got {v.shape[0]}")
     return guided
 
 
-def _flow_step_torch(x: torch.Tensor, v: torch.Tensor, sigma: torch.Tensor, sigma_next: torch.Tensor, cfg: float,
-                     guided: bool) -> torch.Tensor:
-    """The same update in plain PyTorch: the reference sampler's arithmetic."""
-    if guided:
-        v_uncond, v_cond = v.chunk(2)
-        v = v_uncond + cfg * (v_cond - v_uncond)
-    return euler_step(x, v, sigma, sigma_next)
-
-
+# --------------------------------------------------------------------------------------------
+# Public function
+# --------------------------------------------------------------------------------------------
 def flow_step(
     x: torch.Tensor,
     v: torch.Tensor,
@@ -352,14 +308,14 @@ def flow_step(
     Returns:
         x_new shaped like x, in v's dtype; differentiable with respect to x and v.
     Raises:
-        ValueError: mismatched shapes, devices, unsupported dtypes, a row count of v that is
+        KernelInputError (a ValueError): mismatched shapes, devices, unsupported dtypes, a row count of v that is
         neither N nor 2N, or cfg != 1 without [uncond; cond] rows.
     """
     cfg = float(cfg)
     guided = _check(x, v, cfg)
     sigma, sigma_next = _sigma("sigma", sigma, v.device), _sigma("sigma_next", sigma_next, v.device)
-    if select_backend(v.device, backend) in ("torch", "reference"):
-        return _flow_step_torch(x, v, sigma, sigma_next, cfg, guided)
+    if select_backend(v.device, backend) not in KERNEL_BACKENDS:
+        return reference.flow_step(x, v, sigma, sigma_next, cfg)
     x, v = x.contiguous(), v.contiguous()
     if torch.is_grad_enabled() and (x.requires_grad or v.requires_grad):
         return FlowStepFunction.apply(x, v, sigma, sigma_next, cfg, guided)

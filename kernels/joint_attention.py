@@ -1,6 +1,6 @@
 """Fused joint (MMDiT) attention with Alternating Subregion Attention (ASA), forward and backward.
 
-What the reference (:func:`nitro_ar.layers.joint_attention`) computes with per-head q/k RMSNorm,
+What the reference (:func:`nitro_ar.kernels.reference.fused_joint_attention`) computes with per-head q/k RMSNorm,
 ``cat``, two ``rearrange`` copies per stream, SDPA and the inverse copies, one kernel computes
 straight from the projection outputs:
 
@@ -19,8 +19,14 @@ that first computes ``delta = rowsum(dO * O)`` for its query block, then a ``dk/
 recomputes the probabilities from the log-sum-exp. Fused-norm weight gradients are per-program
 partial sums reduced on the host (deterministic, no atomics).
 
-Per-backend launch configs are registered with :mod:`nitro_ar.kernels.tuning` as the ops
-``joint_attention`` (forward) and ``joint_attention_backward``.
+Offsets are int32 unless the launch plan finds a tensor spanning 2^31 elements or more (from
+sizes and strides alone): then ``INDEX_64`` widens batch indices and positions before they meet
+a stride. Per-backend launch configs (:class:`~nitro_ar.kernels.launch.ConfigTable`) are tuned as
+the ops ``joint_attention`` (forward) and ``joint_attention_backward`` (problems:
+:mod:`nitro_ar.kernels.tuning_problems`). The eager reference is
+:func:`nitro_ar.kernels.reference.fused_joint_attention`.
+
+File order: kernels, launch configs and launchers, autograd Function, validation, public functions.
 """
 from __future__ import annotations
 
@@ -28,14 +34,15 @@ import math
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from nitro_ar import layers
-
-from .backend import select_backend
-from .tuning import get_config, register_kernel_ops
+from . import reference
+from .backend import KERNEL_BACKENDS, select_backend
+from .errors import KernelInputError
+from .launch import ConfigTable, needs_int64, storage_span
+from .offsets import widen
+from .tuning import get_config
 
 __all__ = [
     "joint_attention",
@@ -43,13 +50,10 @@ __all__ = [
     "joint_attention_forward",
     "joint_attention_backward",
     "JointAttentionFunction",
-    "CUDA_FORWARD_CONFIGS",
-    "HIP_FORWARD_CONFIGS",
-    "CUDA_BACKWARD_CONFIGS",
-    "HIP_BACKWARD_CONFIGS",
+    "FORWARD_CONFIGS",
+    "BACKWARD_CONFIGS",
     "candidate_configs",
     "default_config",
-    "tuning_shapes",
     "tuning_bucket",
 ]
 
@@ -61,15 +65,18 @@ SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Kernels
 # --------------------------------------------------------------------------------------------
 @triton.jit
-def _member_positions(members, group, GROUPS: tl.constexpr, GROUP_LEN: tl.constexpr):
-    """Stream positions of a group's members: member j of group g sits at (j // n) * s * n + g * n + j % n."""
+def _member_positions(members, group, GROUPS: tl.constexpr, GROUP_LEN: tl.constexpr, INDEX_64: tl.constexpr):
+    """Stream positions of a group's members: member j of group g sits at (j // n) * s * n + g * n + j % n;
+    in the plan's index width, so ``position * stride`` cannot wrap."""
+    members = widen(members, INDEX_64)
     return (members // GROUP_LEN) * (GROUPS * GROUP_LEN) + group * GROUP_LEN + members % GROUP_LEN
 
 
 @triton.jit
 def _head_base(ptr, batch, head, stride_b, stride_h):
-    """Pointer to (batch, position 0, head, channel 0) of a (B, L, H, d) tensor; int64 batch offset."""
-    return ptr + batch.to(tl.int64) * stride_b + head * stride_h
+    """Pointer to (batch, position 0, head, channel 0) of a (B, L, H, d) tensor (``batch`` widened
+    by the caller)."""
+    return ptr + batch * stride_b + head * stride_h
 
 
 @triton.jit
@@ -80,11 +87,11 @@ def _pick(is_img, img_value, txt_value):
 
 @triton.jit
 def _query_block(pid_bgh, pid_m, len_img, len_txt, num_heads,
-                 GROUPS: tl.constexpr, GROUP_LEN: tl.constexpr, BLOCK_M: tl.constexpr):
+                 GROUPS: tl.constexpr, GROUP_LEN: tl.constexpr, BLOCK_M: tl.constexpr, INDEX_64: tl.constexpr):
     """Decode a program of the (batch, group, head) x query-block grid (image blocks first):
     its batch, group and head, each stream's group length, whether it holds image queries, and
     the stream positions (with validity) of its BLOCK_M queries."""
-    batch = pid_bgh // (GROUPS * num_heads)
+    batch = widen(pid_bgh // (GROUPS * num_heads), INDEX_64)
     group = (pid_bgh // num_heads) % GROUPS
     head = pid_bgh % num_heads
     group_img = len_img // GROUPS
@@ -93,7 +100,7 @@ def _query_block(pid_bgh, pid_m, len_img, len_txt, num_heads,
     is_img = pid_m < img_blocks
     members = _pick(is_img, pid_m, pid_m - img_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
     valid = members < _pick(is_img, group_img, group_txt)
-    positions = _member_positions(members, group, GROUPS, GROUP_LEN)
+    positions = _member_positions(members, group, GROUPS, GROUP_LEN, INDEX_64)
     return batch, group, head, group_img, group_txt, is_img, positions, valid
 
 
@@ -134,7 +141,7 @@ def _fwd_attend_stream(
     k_base, v_base, stride_k_l, stride_v_l, k_norm_ptr,
     group, group_size, qk_scale, eps,
     GROUPS: tl.constexpr, GROUP_LEN: tl.constexpr, HEAD_DIM: tl.constexpr,
-    HAS_QK_NORM: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_QK_NORM: tl.constexpr, BLOCK_N: tl.constexpr, INDEX_64: tl.constexpr,
 ):
     """Online-softmax update of one query block with every key block of one stream's group members."""
     if HAS_QK_NORM:
@@ -142,7 +149,7 @@ def _fwd_attend_stream(
     for start in range(0, group_size, BLOCK_N):
         members = start + tl.arange(0, BLOCK_N)
         valid = members < group_size
-        positions = _member_positions(members, group, GROUPS, GROUP_LEN)
+        positions = _member_positions(members, group, GROUPS, GROUP_LEN, INDEX_64)
         k = _load_rows(k_base, positions, stride_k_l, valid, HEAD_DIM)
         if HAS_QK_NORM:
             k = _rms_norm_rows(k, k_weight, eps, HEAD_DIM)
@@ -168,13 +175,13 @@ def _joint_attention_fwd_kernel(
     stride_kt_b, stride_kt_l, stride_kt_h, stride_vt_b, stride_vt_l, stride_vt_h,
     len_img, len_txt, num_heads, qk_scale, eps,
     GROUPS: tl.constexpr, GROUP_LEN: tl.constexpr, HEAD_DIM: tl.constexpr,
-    HAS_QK_NORM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_QK_NORM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, INDEX_64: tl.constexpr,
 ):
     # Axis 0: (batch, group, head), the large one; axis 1: image query blocks, then text ones.
     pid_bgh = tl.program_id(0)
     pid_m = tl.program_id(1)
     batch, group, head, group_img, group_txt, is_img, positions, valid = _query_block(
-        pid_bgh, pid_m, len_img, len_txt, num_heads, GROUPS, GROUP_LEN, BLOCK_M)
+        pid_bgh, pid_m, len_img, len_txt, num_heads, GROUPS, GROUP_LEN, BLOCK_M, INDEX_64)
 
     # This program's query stream.
     q_base = _pick(is_img, _head_base(q_img_ptr, batch, head, stride_qi_b, stride_qi_h),
@@ -182,8 +189,8 @@ def _joint_attention_fwd_kernel(
     stride_q_l = _pick(is_img, stride_qi_l, stride_qt_l)
     q_len = _pick(is_img, len_img, len_txt)
     # Outputs are contiguous (B, L, H, d); the log-sum-exp is (B, H, L).
-    out_base = _pick(is_img, out_img_ptr, out_txt_ptr) + (batch.to(tl.int64) * q_len * num_heads + head) * HEAD_DIM
-    lse_base = _pick(is_img, lse_img_ptr, lse_txt_ptr) + (batch.to(tl.int64) * num_heads + head) * q_len
+    out_base = _pick(is_img, out_img_ptr, out_txt_ptr) + (batch * q_len * num_heads + head) * HEAD_DIM
+    lse_base = _pick(is_img, lse_img_ptr, lse_txt_ptr) + (batch * num_heads + head) * q_len
 
     q = _load_rows(q_base, positions, stride_q_l, valid, HEAD_DIM)
     if HAS_QK_NORM:
@@ -195,11 +202,11 @@ def _joint_attention_fwd_kernel(
     acc, m_i, l_i = _fwd_attend_stream(
         acc, m_i, l_i, q, _head_base(k_img_ptr, batch, head, stride_ki_b, stride_ki_h),
         _head_base(v_img_ptr, batch, head, stride_vi_b, stride_vi_h), stride_ki_l, stride_vi_l, k_norm_img_ptr,
-        group, group_img, qk_scale, eps, GROUPS, GROUP_LEN, HEAD_DIM, HAS_QK_NORM, BLOCK_N)
+        group, group_img, qk_scale, eps, GROUPS, GROUP_LEN, HEAD_DIM, HAS_QK_NORM, BLOCK_N, INDEX_64)
     acc, m_i, l_i = _fwd_attend_stream(
         acc, m_i, l_i, q, _head_base(k_txt_ptr, batch, head, stride_kt_b, stride_kt_h),
         _head_base(v_txt_ptr, batch, head, stride_vt_b, stride_vt_h), stride_kt_l, stride_vt_l, k_norm_txt_ptr,
-        group, group_txt, qk_scale, eps, GROUPS, GROUP_LEN, HEAD_DIM, HAS_QK_NORM, BLOCK_N)
+        group, group_txt, qk_scale, eps, GROUPS, GROUP_LEN, HEAD_DIM, HAS_QK_NORM, BLOCK_N, INDEX_64)
 
     out = acc / l_i[:, None]
     cols = tl.arange(0, HEAD_DIM)
@@ -214,7 +221,7 @@ def _bwd_dq_stream(
     k_base, v_base, stride_k_l, stride_v_l, k_norm_ptr,
     group, group_size, qk_scale, eps,
     GROUPS: tl.constexpr, GROUP_LEN: tl.constexpr, HEAD_DIM: tl.constexpr,
-    HAS_QK_NORM: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_QK_NORM: tl.constexpr, BLOCK_N: tl.constexpr, INDEX_64: tl.constexpr,
 ):
     """Accumulate dS @ K (with dS the score gradient) of one query block over one stream's keys."""
     if HAS_QK_NORM:
@@ -222,7 +229,7 @@ def _bwd_dq_stream(
     for start in range(0, group_size, BLOCK_N):
         members = start + tl.arange(0, BLOCK_N)
         valid = members < group_size
-        positions = _member_positions(members, group, GROUPS, GROUP_LEN)
+        positions = _member_positions(members, group, GROUPS, GROUP_LEN, INDEX_64)
         k = _load_rows(k_base, positions, stride_k_l, valid, HEAD_DIM)
         if HAS_QK_NORM:
             k = _rms_norm_rows(k, k_weight, eps, HEAD_DIM)
@@ -247,13 +254,13 @@ def _joint_attention_bwd_dq_kernel(
     stride_doi_b, stride_doi_l, stride_doi_h, stride_dot_b, stride_dot_l, stride_dot_h,
     len_img, len_txt, num_heads, sm_scale, qk_scale, eps,
     GROUPS: tl.constexpr, GROUP_LEN: tl.constexpr, HEAD_DIM: tl.constexpr,
-    HAS_QK_NORM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_QK_NORM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, INDEX_64: tl.constexpr,
 ):
     # Same grid as the forward: one program per (batch, group, head) and query block.
     pid_bgh = tl.program_id(0)
     pid_m = tl.program_id(1)
     batch, group, head, group_img, group_txt, is_img, positions, valid = _query_block(
-        pid_bgh, pid_m, len_img, len_txt, num_heads, GROUPS, GROUP_LEN, BLOCK_M)
+        pid_bgh, pid_m, len_img, len_txt, num_heads, GROUPS, GROUP_LEN, BLOCK_M, INDEX_64)
 
     q_base = _pick(is_img, _head_base(q_img_ptr, batch, head, stride_qi_b, stride_qi_h),
                    _head_base(q_txt_ptr, batch, head, stride_qt_b, stride_qt_h))
@@ -263,10 +270,10 @@ def _joint_attention_bwd_dq_kernel(
     stride_do_l = _pick(is_img, stride_doi_l, stride_dot_l)
     q_len = _pick(is_img, len_img, len_txt)
     # out and dq are contiguous (B, L, H, d); lse and delta are (B, H, L).
-    row_offset = (batch.to(tl.int64) * q_len * num_heads + head) * HEAD_DIM
+    row_offset = (batch * q_len * num_heads + head) * HEAD_DIM
     out_base = _pick(is_img, out_img_ptr, out_txt_ptr) + row_offset
     dq_base = _pick(is_img, dq_img_ptr, dq_txt_ptr) + row_offset
-    stat_offset = (batch.to(tl.int64) * num_heads + head) * q_len
+    stat_offset = (batch * num_heads + head) * q_len
     lse_base = _pick(is_img, lse_img_ptr, lse_txt_ptr) + stat_offset
     delta_base = _pick(is_img, delta_img_ptr, delta_txt_ptr) + stat_offset
 
@@ -286,17 +293,17 @@ def _joint_attention_bwd_dq_kernel(
     dq = _bwd_dq_stream(
         dq, q, do, lse, delta, _head_base(k_img_ptr, batch, head, stride_ki_b, stride_ki_h),
         _head_base(v_img_ptr, batch, head, stride_vi_b, stride_vi_h), stride_ki_l, stride_vi_l, k_norm_img_ptr,
-        group, group_img, qk_scale, eps, GROUPS, GROUP_LEN, HEAD_DIM, HAS_QK_NORM, BLOCK_N)
+        group, group_img, qk_scale, eps, GROUPS, GROUP_LEN, HEAD_DIM, HAS_QK_NORM, BLOCK_N, INDEX_64)
     dq = _bwd_dq_stream(
         dq, q, do, lse, delta, _head_base(k_txt_ptr, batch, head, stride_kt_b, stride_kt_h),
         _head_base(v_txt_ptr, batch, head, stride_vt_b, stride_vt_h), stride_kt_l, stride_vt_l, k_norm_txt_ptr,
-        group, group_txt, qk_scale, eps, GROUPS, GROUP_LEN, HEAD_DIM, HAS_QK_NORM, BLOCK_N)
+        group, group_txt, qk_scale, eps, GROUPS, GROUP_LEN, HEAD_DIM, HAS_QK_NORM, BLOCK_N, INDEX_64)
     dq = dq * sm_scale
 
     cols = tl.arange(0, HEAD_DIM)
     if HAS_QK_NORM:
         dq, dq_weight = _rms_norm_rows_backward(q_raw, dq, q_weight, eps, HEAD_DIM)
-        partial = pid_bgh.to(tl.int64) * tl.num_programs(1) + pid_m
+        partial = widen(pid_bgh, INDEX_64) * tl.num_programs(1) + pid_m
         tl.store(dq_norm_partial_ptr + partial * HEAD_DIM + cols, dq_weight)
     tl.store(dq_base + positions[:, None] * (num_heads * HEAD_DIM) + cols[None, :],
              dq.to(dq_base.dtype.element_ty), mask=valid[:, None])
@@ -308,7 +315,7 @@ def _bwd_dkdv_stream(
     q_base, do_base, lse_base, delta_base, stride_q_l, stride_do_l, q_norm_ptr,
     group, group_size, qk_scale, eps,
     GROUPS: tl.constexpr, GROUP_LEN: tl.constexpr, HEAD_DIM: tl.constexpr,
-    HAS_QK_NORM: tl.constexpr, BLOCK_M: tl.constexpr,
+    HAS_QK_NORM: tl.constexpr, BLOCK_M: tl.constexpr, INDEX_64: tl.constexpr,
 ):
     """Accumulate dK (unscaled) and dV of one key block over one stream's query blocks."""
     if HAS_QK_NORM:
@@ -316,7 +323,7 @@ def _bwd_dkdv_stream(
     for start in range(0, group_size, BLOCK_M):
         members = start + tl.arange(0, BLOCK_M)
         valid = members < group_size
-        positions = _member_positions(members, group, GROUPS, GROUP_LEN)
+        positions = _member_positions(members, group, GROUPS, GROUP_LEN, INDEX_64)
         q = _load_rows(q_base, positions, stride_q_l, valid, HEAD_DIM)
         if HAS_QK_NORM:
             q = _rms_norm_rows(q, q_weight, eps, HEAD_DIM)
@@ -345,12 +352,12 @@ def _joint_attention_bwd_dkdv_kernel(
     stride_doi_b, stride_doi_l, stride_doi_h, stride_dot_b, stride_dot_l, stride_dot_h,
     len_img, len_txt, txt_query_len, num_heads, sm_scale, qk_scale, eps,
     GROUPS: tl.constexpr, GROUP_LEN: tl.constexpr, HEAD_DIM: tl.constexpr,
-    HAS_QK_NORM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_QK_NORM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, INDEX_64: tl.constexpr,
 ):
     # One program per (batch, group, head) and key block (image key blocks, then text ones).
     pid_bgh = tl.program_id(0)
     pid_n = tl.program_id(1)
-    batch = pid_bgh // (GROUPS * num_heads)
+    batch = widen(pid_bgh // (GROUPS * num_heads), INDEX_64)
     group = (pid_bgh // num_heads) % GROUPS
     head = pid_bgh % num_heads
     group_img = len_img // GROUPS
@@ -365,14 +372,14 @@ def _joint_attention_bwd_dkdv_kernel(
     stride_k_l = _pick(is_img, stride_ki_l, stride_kt_l)
     stride_v_l = _pick(is_img, stride_vi_l, stride_vt_l)
     k_len = _pick(is_img, len_img, len_txt)
-    row_offset = (batch.to(tl.int64) * k_len * num_heads + head) * HEAD_DIM
+    row_offset = (batch * k_len * num_heads + head) * HEAD_DIM
     dk_base = _pick(is_img, dk_img_ptr, dk_txt_ptr) + row_offset
     dv_base = _pick(is_img, dv_img_ptr, dv_txt_ptr) + row_offset
     k_group_size = _pick(is_img, group_img, group_txt)
 
     members = _pick(is_img, pid_n, pid_n - img_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
     valid = members < k_group_size
-    positions = _member_positions(members, group, GROUPS, GROUP_LEN)
+    positions = _member_positions(members, group, GROUPS, GROUP_LEN, INDEX_64)
     k_raw = _load_rows(k_base, positions, stride_k_l, valid, HEAD_DIM)
     if HAS_QK_NORM:
         k_weight = _load_weight(_pick(is_img, k_norm_img_ptr, k_norm_txt_ptr), HEAD_DIM)
@@ -383,25 +390,25 @@ def _joint_attention_bwd_dkdv_kernel(
 
     dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
-    stat_img = (batch.to(tl.int64) * num_heads + head) * len_img
+    stat_img = (batch * num_heads + head) * len_img
     dk, dv = _bwd_dkdv_stream(
         dk, dv, k, v, _head_base(q_img_ptr, batch, head, stride_qi_b, stride_qi_h),
         _head_base(dout_img_ptr, batch, head, stride_doi_b, stride_doi_h),
         lse_img_ptr + stat_img, delta_img_ptr + stat_img, stride_qi_l, stride_doi_l, q_norm_img_ptr,
-        group, group_img, qk_scale, eps, GROUPS, GROUP_LEN, HEAD_DIM, HAS_QK_NORM, BLOCK_M)
+        group, group_img, qk_scale, eps, GROUPS, GROUP_LEN, HEAD_DIM, HAS_QK_NORM, BLOCK_M, INDEX_64)
     # Text queries exist only when the text output was computed (txt_query_len is 0 otherwise).
-    stat_txt = (batch.to(tl.int64) * num_heads + head) * txt_query_len
+    stat_txt = (batch * num_heads + head) * txt_query_len
     dk, dv = _bwd_dkdv_stream(
         dk, dv, k, v, _head_base(q_txt_ptr, batch, head, stride_qt_b, stride_qt_h),
         _head_base(dout_txt_ptr, batch, head, stride_dot_b, stride_dot_h),
         lse_txt_ptr + stat_txt, delta_txt_ptr + stat_txt, stride_qt_l, stride_dot_l, q_norm_txt_ptr,
-        group, txt_query_len // GROUPS, qk_scale, eps, GROUPS, GROUP_LEN, HEAD_DIM, HAS_QK_NORM, BLOCK_M)
+        group, txt_query_len // GROUPS, qk_scale, eps, GROUPS, GROUP_LEN, HEAD_DIM, HAS_QK_NORM, BLOCK_M, INDEX_64)
     dk = dk * sm_scale
 
     cols = tl.arange(0, HEAD_DIM)
     if HAS_QK_NORM:
         dk, dk_weight = _rms_norm_rows_backward(k_raw, dk, k_weight, eps, HEAD_DIM)
-        partial = pid_bgh.to(tl.int64) * tl.num_programs(1) + pid_n
+        partial = widen(pid_bgh, INDEX_64) * tl.num_programs(1) + pid_n
         tl.store(dk_norm_partial_ptr + partial * HEAD_DIM + cols, dk_weight)
     offsets = positions[:, None] * (num_heads * HEAD_DIM) + cols[None, :]
     tl.store(dk_base + offsets, dk.to(dk_base.dtype.element_ty), mask=valid[:, None])
@@ -409,89 +416,59 @@ def _joint_attention_bwd_dkdv_kernel(
 
 
 # --------------------------------------------------------------------------------------------
-# Launch configs, side by side per backend, and their registration with the tuner
+# Launch configs, side by side per backend, and host launchers
 # --------------------------------------------------------------------------------------------
 # ASA groups hold 20..384 tokens per stream (Nitro-E's 80-token stage: 20 image + 32 text per
-# group), so tiles stay small: larger ones mostly add masked-out work. Eight warps only for tiles
-# of 64+ rows. HIP: num_stages 1 (64 KiB LDS), num_warps counts 64-wide wavefronts, 16x16 MFMA;
-# HIP-only keys appear in HIP lists only.
-CUDA_FORWARD_CONFIGS = [
-    dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
-    for block_m in (32, 64, 128) for block_n in (32, 64) for warps in (4, 8) for stages in (1, 2, 3)
-    if warps == 4 or block_m >= 64
-]
-HIP_FORWARD_CONFIGS = [
-    dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=1, waves_per_eu=waves, matrix_instr_nonkdim=16)
-    for block_m in (32, 64, 128) for block_n in (32, 64) for warps in (2, 4) for waves in (0, 2)
-]
-CUDA_BACKWARD_CONFIGS = [
-    dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
-    for block_m in (16, 32, 64) for block_n in (32, 64, 128) for warps in (4, 8) for stages in (1, 2)
-    if warps == 4 or block_n >= 64
-]
-HIP_BACKWARD_CONFIGS = [
-    dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=1, waves_per_eu=waves, matrix_instr_nonkdim=16)
-    for block_m in (16, 32, 64) for block_n in (32, 64) for warps in (2, 4) for waves in (0, 2)
-]
-# Under the interpreter every program runs in Python: 64-wide tiles keep the tests fast while
-# lengths such as 80, 20 or 17 still exercise multi-block loops and masking.
+# group), so tiles stay small: larger ones mostly add masked-out work. Query tiles of 16 and 32
+# rows give the transformer head's attention at batch 1 (2 x 12 heads x 256 tokens: 96 programs
+# at BLOCK_M = 64) 192 or 384 programs, enough to fill 132 SMs / 304 CUs; 16 is tl.dot's
+# smallest M on NVIDIA. Eight warps only for tiles of 64+ rows. Dropped because they spill:
+# sm_90 dk/dv at BLOCK_N = 128 with 4 warps; gfx942 2-warp and 64 x 64 tiles (issue 10's
+# compile of every candidate). HIP: num_stages 1 (64 KiB LDS), num_warps counts 64-wide
+# wavefronts, 16x16 MFMA; HIP-only keys appear in HIP lists only. waves_per_eu is a HIP tuning
+# candidate, not a default: it caps registers per lane to raise occupancy, which pays or spills
+# depending on the shape, so only a timed tuning run may pick it.
 INTERPRETER_CONFIG = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=1)
-
-_CONFIG_LISTS = {
-    "joint_attention": {"cuda": CUDA_FORWARD_CONFIGS, "hip": HIP_FORWARD_CONFIGS, "cpu": [INTERPRETER_CONFIG]},
-    "joint_attention_backward": {"cuda": CUDA_BACKWARD_CONFIGS, "hip": HIP_BACKWARD_CONFIGS,
-                                 "cpu": [INTERPRETER_CONFIG]},
-}
-# Untuned defaults, chosen for the Nitro group sizes from register counts (no spills on sm_90
-# and gfx942 for head_dim 32 and 64).
-_DEFAULTS = {
-    "joint_attention": {
-        "cuda": dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2),
-        "hip": dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=1, waves_per_eu=2, matrix_instr_nonkdim=16),
-        "cpu": INTERPRETER_CONFIG,
-    },
-    "joint_attention_backward": {
-        "cuda": dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=2),
-        "hip": dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1, waves_per_eu=2, matrix_instr_nonkdim=16),
-        "cpu": INTERPRETER_CONFIG,
-    },
-}
+FORWARD_CONFIGS = ConfigTable(
+    cuda=[dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
+          for block_m in (16, 32, 64, 128) for block_n in (32, 64) for warps in (4, 8) for stages in (1, 2, 3)
+          if warps == 4 or block_m >= 64],
+    hip=[dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4, num_stages=1, waves_per_eu=waves,
+              matrix_instr_nonkdim=16)
+         for block_m in (16, 32, 64, 128) for block_n in (32, 64) for waves in (0, 2)
+         if (block_m, block_n) != (64, 64)],
+    # Under the interpreter every program runs in Python: 64-wide tiles keep the tests fast while
+    # lengths such as 80, 20 or 17 still exercise multi-block loops and masking.
+    interpreter=dict(INTERPRETER_CONFIG),
+    # Untuned defaults, chosen for the Nitro group sizes from register counts (no spills on
+    # sm_90 and gfx942 for head_dim 32 and 64).
+    defaults=[("cuda", "", dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)),
+              ("hip", "", dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=1, matrix_instr_nonkdim=16))],
+)
+BACKWARD_CONFIGS = ConfigTable(
+    cuda=[dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
+          for block_m in (16, 32, 64) for block_n in (32, 64, 128) for warps in (4, 8) for stages in (1, 2)
+          if (warps == 4 and block_n <= 64) or (warps == 8 and block_n >= 64)],
+    hip=[dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4, num_stages=1, waves_per_eu=waves,
+              matrix_instr_nonkdim=16)
+         for block_m in (16, 32, 64) for block_n in (32, 64) for waves in (0, 2)
+         if (block_m, block_n) != (64, 64)],
+    interpreter=dict(INTERPRETER_CONFIG),
+    defaults=[("cuda", "", dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=2)),
+              ("hip", "", dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1, matrix_instr_nonkdim=16))],
+)
+CONFIGS = {"joint_attention": FORWARD_CONFIGS, "joint_attention_backward": BACKWARD_CONFIGS}
 
 
 def candidate_configs(op_name: str, vendor: str) -> List[dict]:
     """Configs to tune ``op_name`` ("joint_attention" | "joint_attention_backward") over on
     ``vendor`` ("cuda" | "hip" | "cpu")."""
-    if vendor not in _CONFIG_LISTS[op_name]:
-        raise ValueError(f"unknown vendor {vendor!r}")
-    return [dict(config) for config in _CONFIG_LISTS[op_name][vendor]]
+    return CONFIGS[op_name].candidates(vendor)
 
 
 def default_config(op_name: str, vendor: str, arch: str) -> dict:
     """The untuned config of ``op_name`` on ``vendor`` (the same for every arch of a vendor)."""
-    if vendor not in _DEFAULTS[op_name]:
-        raise ValueError(f"unknown vendor {vendor!r}")
-    return dict(_DEFAULTS[op_name][vendor])
-
-
-def tuning_shapes(shape_set: str) -> List[dict]:
-    """Problem shapes of ``"nitro-ar"`` (plain joint attention on 256 and 80 image tokens, and the
-    transformer head's self-attention over 256 or 1 tokens) or ``"nitro-e"`` (every ASA pattern),
-    at CFG batch 2 and training batch 64, bf16, 24 heads x 32 with fused q/k norm."""
-    if shape_set not in ("nitro-ar", "nitro-e"):
-        raise ValueError(f"unknown shape set {shape_set!r}; expected nitro-ar or nitro-e")
-    patterns = [(1, 1)] if shape_set == "nitro-ar" else [(1, 1), (4, 1), (4, 4)]
-    shapes = [
-        dict(batch=batch, heads=24, head_dim=32, len_img=len_img, len_txt=128, groups=groups, group_len=group_len,
-             qk_norm=True, text_output=True, dtype="bfloat16")
-        for batch in (2, 64) for len_img in (256, 80) for groups, group_len in patterns
-    ]
-    if shape_set == "nitro-ar":
-        shapes += [
-            dict(batch=batch, heads=12, head_dim=64, len_img=len_img, len_txt=0, groups=1, group_len=1,
-                 qk_norm=False, text_output=False, dtype="bfloat16")
-            for batch in (2, 64) for len_img in (256, 1)
-        ]
-    return shapes
+    return CONFIGS[op_name].default(vendor, arch)
 
 
 def tuning_bucket(shape: dict) -> str:
@@ -501,46 +478,12 @@ def tuning_bucket(shape: dict) -> str:
     return f"d{shape['head_dim']}_g{triton.next_power_of_2(group_tokens)}_{'many' if heads >= 1024 else 'few'}"
 
 
-def _tuning_inputs(shape: dict, device: torch.device):
-    dtype = getattr(torch, shape["dtype"])
-    batch, heads, head_dim = shape["batch"], shape["heads"], shape["head_dim"]
-
-    def stream(length):
-        # One fused QKV projection per stream, as the model produces them.
-        qkv = torch.randn(batch, length, 3, heads, head_dim, device=device, dtype=dtype)
-        return qkv.unbind(2)
-
-    img = stream(shape["len_img"])
-    txt = stream(shape["len_txt"]) if shape["len_txt"] else (None, None, None)
-    norms = [torch.rand(head_dim, device=device, dtype=dtype) + 0.5 for _ in range(4)] if shape["qk_norm"] else None
-    return img, txt, norms
+def _index_64(*tensors: Optional[torch.Tensor]) -> bool:
+    """64-bit offsets when any tensor the kernels address (inputs, outputs, statistics; None:
+    absent) spans 2^31 elements or more. Partial sums per program are smaller than the outputs."""
+    return needs_int64(*(storage_span(t.shape, t.stride()) for t in tensors if t is not None))
 
 
-def _bench_forward(shape: dict, config: dict, device: torch.device) -> float:
-    img, txt, norms = _tuning_inputs(shape, device)
-    return triton.testing.do_bench(lambda: joint_attention_forward(
-        *img, *txt, norms, shape["groups"], shape["group_len"], 1e-6, shape["text_output"], config=config))
-
-
-def _bench_backward(shape: dict, config: dict, device: torch.device) -> float:
-    img, txt, norms = _tuning_inputs(shape, device)
-    groups, group_len, text_output = shape["groups"], shape["group_len"], shape["text_output"]
-    out_img, out_txt, lse_img, lse_txt = joint_attention_forward(*img, *txt, norms, groups, group_len, 1e-6,
-                                                                 text_output)
-    grad_img = torch.randn_like(out_img)
-    grad_txt = torch.randn_like(out_txt) if out_txt is not None else None
-    return triton.testing.do_bench(lambda: joint_attention_backward(
-        grad_img, grad_txt, *img, *txt, norms, out_img, out_txt, lse_img, lse_txt,
-        groups, group_len, 1e-6, config=config))
-
-
-register_kernel_ops({"joint_attention": _bench_forward, "joint_attention_backward": _bench_backward},
-                    candidate_configs, default_config, tuning_shapes, tuning_bucket)
-
-
-# --------------------------------------------------------------------------------------------
-# Host launchers
-# --------------------------------------------------------------------------------------------
 def _strides(x: torch.Tensor) -> Tuple[int, int, int]:
     """(batch, position, head) strides of a (B, L, H, d) view with unit stride over d."""
     return x.stride(0), x.stride(1), x.stride(2)
@@ -589,13 +532,15 @@ def joint_attention_forward(
     img_blocks, txt_blocks = _tiles(len_img, len_txt, groups, config["BLOCK_M"])
     grid = (batch * groups * heads, img_blocks + (txt_blocks if text_queries else 0))
     sm_scale = 1.0 / math.sqrt(head_dim)
+    index_64 = _index_64(q_img, k_img, v_img, q_txt, k_txt, v_txt, out_img, out_txt, lse_img, lse_txt)
     _joint_attention_fwd_kernel[grid](
         q_img, k_img, v_img, *txt,
         out_img, out_txt if text_queries else out_img, lse_img, lse_txt if text_queries else lse_img,
         *norm_ptrs,
         *_strides(q_img), *_strides(k_img), *_strides(v_img), *_strides(txt[0]), *_strides(txt[1]), *_strides(txt[2]),
         len_img, len_txt, heads, sm_scale * LOG2_E, eps,
-        GROUPS=groups, GROUP_LEN=group_len, HEAD_DIM=head_dim, HAS_QK_NORM=norms is not None, **config,
+        GROUPS=groups, GROUP_LEN=group_len, HEAD_DIM=head_dim, HAS_QK_NORM=norms is not None, INDEX_64=index_64,
+        **FORWARD_CONFIGS.launch_options(config),
     )
     return out_img, out_txt, lse_img, lse_txt
 
@@ -648,7 +593,10 @@ def joint_attention_backward(
                      *_strides(grad_out_img), *_strides(stand_in["grad_txt"]))
     sm_scale = 1.0 / math.sqrt(head_dim)
     rows = batch * groups * heads
-    meta = dict(GROUPS=groups, GROUP_LEN=group_len, HEAD_DIM=head_dim, HAS_QK_NORM=norms is not None, **config)
+    meta = dict(GROUPS=groups, GROUP_LEN=group_len, HEAD_DIM=head_dim, HAS_QK_NORM=norms is not None,
+                INDEX_64=_index_64(q_img, k_img, v_img, q_txt, k_txt, v_txt, grad_out_img, grad_out_txt, out_img,
+                                   out_txt, lse_img, lse_txt),
+                **BACKWARD_CONFIGS.launch_options(config))
 
     img_q_blocks, txt_q_blocks = _tiles(len_img, len_txt, groups, config["BLOCK_M"])
     q_blocks = img_q_blocks + (txt_q_blocks if text_queries else 0)
@@ -687,7 +635,7 @@ def joint_attention_backward(
 
 
 # --------------------------------------------------------------------------------------------
-# Autograd and public functions
+# Autograd Function
 # --------------------------------------------------------------------------------------------
 class JointAttentionFunction(torch.autograd.Function):
     """Autograd wrapper of the kernels. Inputs as :func:`joint_attention` (text tensors None for
@@ -715,78 +663,82 @@ class JointAttentionFunction(torch.autograd.Function):
         return (dq_img, dk_img, dv_img, dq_txt, dk_txt, dv_txt, *(norm_grads or (None,) * 4), None, None, None, None)
 
 
+# --------------------------------------------------------------------------------------------
+# Validation
+# --------------------------------------------------------------------------------------------
 def _check_streams(streams: Sequence[Tuple[str, Tuple[torch.Tensor, ...]]], groups: int, group_len: int) -> None:
-    """Raise ValueError naming the tensors when the (q, k, v) streams do not fit together."""
+    """Raise KernelInputError naming the tensors when the (q, k, v) streams do not fit together."""
     if not (isinstance(groups, int) and isinstance(group_len, int) and groups >= 1 and group_len >= 1):
-        raise ValueError(f"groups and group_len must be positive integers, got {groups!r} and {group_len!r}")
+        raise KernelInputError(f"groups and group_len must be positive integers, got {groups!r} and {group_len!r}")
     names = [f"{kind}{suffix}" for suffix, _ in streams for kind in ("q", "k", "v")]
     tensors = [x for _, stream in streams for x in stream]
     for name, x in zip(names, tensors):
         if not isinstance(x, torch.Tensor) or x.dim() != 4:
-            raise ValueError(f"{name} must be a 4-D (B, L, H, d) tensor, got {getattr(x, 'shape', type(x).__name__)}")
+            raise KernelInputError(f"{name} must be a 4-D (B, L, H, d) tensor, got {getattr(x, 'shape', type(x).__name__)}")
         if x.dtype not in SUPPORTED_DTYPES:
-            raise ValueError(f"{name} has dtype {x.dtype}; supported: float32, float16, bfloat16")
+            raise KernelInputError(f"{name} has dtype {x.dtype}; supported: float32, float16, bfloat16")
         if x.stride(-1) != 1 and x.shape[-1] > 1:
-            raise ValueError(f"{name} must have unit stride over head_dim (its last dimension), "
-                             f"got stride {x.stride(-1)}")
+            raise KernelInputError(f"{name} must have unit stride over head_dim (its last dimension), "
+                                   f"got stride {x.stride(-1)}")
     first_name, first = names[0], tensors[0]
     if first.shape[1] == 0:
-        raise ValueError(f"{first_name} has no positions (shape {tuple(first.shape)})")
+        raise KernelInputError(f"{first_name} has no positions (shape {tuple(first.shape)})")
     batch, _, heads, head_dim = first.shape
     for name, x in zip(names[1:], tensors[1:]):
         if x.dtype != first.dtype:
-            raise ValueError(f"dtype mismatch: {first_name} is {first.dtype} but {name} is {x.dtype}")
+            raise KernelInputError(f"dtype mismatch: {first_name} is {first.dtype} but {name} is {x.dtype}")
         if x.device != first.device:
-            raise ValueError(f"device mismatch: {first_name} is on {first.device} but {name} is on {x.device}")
+            raise KernelInputError(f"device mismatch: {first_name} is on {first.device} but {name} is on {x.device}")
         if x.shape[3] != head_dim:
-            raise ValueError(f"head_dim mismatch: {first_name} has head_dim {head_dim} but {name} has {x.shape[3]}")
+            raise KernelInputError(f"head_dim mismatch: {first_name} has head_dim {head_dim} but {name} has {x.shape[3]}")
         if (x.shape[0], x.shape[2]) != (batch, heads):
-            raise ValueError(f"{name} has shape {tuple(x.shape)}: batch and heads must match {first_name}'s "
-                             f"{tuple(first.shape)}")
+            raise KernelInputError(f"{name} has shape {tuple(x.shape)}: batch and heads must match {first_name}'s "
+                                   f"{tuple(first.shape)}")
     for suffix, (q, k, v) in streams:
         for kind, x in (("k", k), ("v", v)):
             if x.shape[1] != q.shape[1]:
-                raise ValueError(f"{kind}{suffix} has {x.shape[1]} positions but q{suffix} has {q.shape[1]}")
+                raise KernelInputError(f"{kind}{suffix} has {x.shape[1]} positions but q{suffix} has {q.shape[1]}")
         if q.shape[1] % (groups * group_len):
-            raise ValueError(f"length {q.shape[1]} of q{suffix}/k{suffix}/v{suffix} is not divisible by "
-                             f"groups * group_len = {groups} * {group_len}")
+            raise KernelInputError(f"length {q.shape[1]} of q{suffix}/k{suffix}/v{suffix} is not divisible by "
+                                   f"groups * group_len = {groups} * {group_len}")
 
 
 def _check_norms(norms: Dict[str, Optional[torch.Tensor]], like: torch.Tensor) -> Optional[Tuple[torch.Tensor, ...]]:
-    """The four q/k-norm weights as a tuple, None when none is given; ValueError on a partial or bad set."""
+    """The four q/k-norm weights as a tuple of contiguous tensors (the kernels read d consecutive
+    values: a strided or expanded weight is copied once), None when none is given;
+    KernelInputError on a partial or bad set."""
     given = [name for name, w in norms.items() if w is not None]
     if not given:
         return None
     if len(given) != len(norms):
         missing = [name for name in norms if name not in given]
-        raise ValueError(f"fused q/k norm needs all of {', '.join(norms)}; missing {', '.join(missing)}")
+        raise KernelInputError(f"fused q/k norm needs all of {', '.join(norms)}; missing {', '.join(missing)}")
     for name, w in norms.items():
         if not isinstance(w, torch.Tensor) or tuple(w.shape) != (like.shape[-1],):
-            raise ValueError(f"{name} must have shape ({like.shape[-1]},) (head_dim), "
-                             f"got {tuple(getattr(w, 'shape', ()))}")
+            raise KernelInputError(f"{name} must have shape ({like.shape[-1]},) (head_dim), "
+                                   f"got {tuple(getattr(w, 'shape', ()))}")
         if w.dtype not in SUPPORTED_DTYPES:
-            raise ValueError(f"{name} has dtype {w.dtype}; supported: float32, float16, bfloat16")
+            raise KernelInputError(f"{name} has dtype {w.dtype}; supported: float32, float16, bfloat16")
         if w.device != like.device:
-            raise ValueError(f"device mismatch: {name} is on {w.device} but the attention inputs are on {like.device}")
-    return tuple(norms.values())
+            raise KernelInputError(f"device mismatch: {name} is on {w.device} but the attention inputs are on "
+                                   f"{like.device}")
+    dtypes = {name: w.dtype for name, w in norms.items()}
+    if len(set(dtypes.values())) > 1:
+        raise KernelInputError(f"the q/k norm weights must share one dtype, got {dtypes}")
+    return tuple(w.contiguous() for w in norms.values())
 
 
 def _select_backend(device: torch.device, backend: Optional[str], head_dim: int) -> str:
     """The backend to run; kernel backends also need a power-of-two head_dim in 16..128."""
     choice = select_backend(device, backend)
-    if choice in ("triton", "interpret") and (head_dim & (head_dim - 1) or not 16 <= head_dim <= 128):
-        raise ValueError(f"the Triton kernels need head_dim a power of two in 16..128, got {head_dim}")
+    if choice in KERNEL_BACKENDS and (head_dim & (head_dim - 1) or not 16 <= head_dim <= 128):
+        raise KernelInputError(f"the Triton kernels need head_dim a power of two in 16..128, got {head_dim}")
     return choice
 
 
-def _torch_joint_attention(q_img, k_img, v_img, q_txt, k_txt, v_txt, norms, groups, group_len, eps, text_output):
-    """The eager reference (text queries always computed, so their gradients are zeros as in the kernels)."""
-    if norms is not None:
-        q_img, k_img, q_txt, k_txt = (layers.rms_norm(x, w, eps) for x, w in zip((q_img, k_img, q_txt, k_txt), norms))
-    out_img, out_txt = layers.joint_attention(q_img, k_img, v_img, q_txt, k_txt, v_txt, groups, group_len)
-    return out_img.contiguous(), out_txt.contiguous() if text_output else None
-
-
+# --------------------------------------------------------------------------------------------
+# Public functions
+# --------------------------------------------------------------------------------------------
 def joint_attention(
     q_img: torch.Tensor, k_img: torch.Tensor, v_img: torch.Tensor,
     q_txt: torch.Tensor, k_txt: torch.Tensor, v_txt: torch.Tensor,
@@ -813,7 +765,10 @@ def joint_attention(
         q_txt, k_txt, v_txt: (B, Lt, H, d) text-stream projections, same dtype, device, B, H, d.
             Li and Lt must be divisible by ``groups * group_len``.
         q_norm_img, k_norm_img, q_norm_txt, k_norm_txt: (d,) weights of the per-head q/k
-            RMSNorm (fp32 statistics, ``eps``) applied to the raw projections; all or none.
+            RMSNorm (fp32 statistics, ``eps``) applied to the raw projections; all or none, one
+            dtype, any layout (copied once when not contiguous). The kernels multiply by the
+            weight in fp32; the reference (diffusers) first rounds to a half-precision weight's
+            dtype, so with fp16/bf16 weights the two differ by that one rounding.
         text_output: False returns no text output (context-pre-only block): the kernels skip
             the text queries entirely (text keys and values still attend) and give them zero
             gradients, as the reference does.
@@ -823,7 +778,7 @@ def joint_attention(
         (out_img (B, Li, H, d), out_txt (B, Lt, H, d) or None), contiguous, in the input dtype,
         so ``out.view(B, L, H * d)`` feeds the output projection.
     Raises:
-        ValueError naming the tensors on mismatched shapes, dtypes or devices, a non-unit
+        KernelInputError (a ValueError) naming the tensors on mismatched shapes, dtypes or devices, a non-unit
         stride over d, lengths not divisible by groups * group_len, or a partial set of norms;
         on the kernel backends also for a head_dim that is not a power of two in 16..128.
     """
@@ -831,11 +786,13 @@ def joint_attention(
     norms = _check_norms(dict(q_norm_img=q_norm_img, k_norm_img=k_norm_img, q_norm_txt=q_norm_txt,
                               k_norm_txt=k_norm_txt), q_img)
     choice = _select_backend(q_img.device, backend, q_img.shape[-1])
-    if choice in ("triton", "interpret"):
+    if choice in KERNEL_BACKENDS:
         return JointAttentionFunction.apply(q_img, k_img, v_img, q_txt, k_txt, v_txt, *(norms or (None,) * 4),
                                             groups, group_len, eps, text_output)
-    return _torch_joint_attention(q_img, k_img, v_img, q_txt, k_txt, v_txt, norms, groups, group_len, eps,
-                                  text_output)
+    return reference.fused_joint_attention(q_img, k_img, v_img, q_txt, k_txt, v_txt, groups=groups,
+                                           group_len=group_len, q_norm_img=q_norm_img, k_norm_img=k_norm_img,
+                                           q_norm_txt=q_norm_txt, k_norm_txt=k_norm_txt, eps=eps,
+                                           text_output=text_output)
 
 
 def self_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, backend: Optional[str] = None) -> torch.Tensor:
@@ -850,8 +807,7 @@ def self_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, backend
     """
     _check_streams([("", (q, k, v))], 1, 1)
     choice = _select_backend(q.device, backend, q.shape[-1])
-    if choice in ("triton", "interpret"):
+    if choice in KERNEL_BACKENDS:
         out, _ = JointAttentionFunction.apply(q, k, v, None, None, None, None, None, None, None, 1, 1, 0.0, False)
         return out
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-    return out.transpose(1, 2).contiguous()
+    return reference.self_attention(q, k, v)

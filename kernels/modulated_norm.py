@@ -19,8 +19,16 @@ contiguous range of rows of one batch; per-token gradients are stored directly, 
 sum over rows (per-batch modulation, AdaLN, norm weight/bias) as per-program fp32 partial sums),
 then ``_sum_partials_kernel`` and ``_adaln_backward_kernel`` reduce those partials. No atomics.
 
-Launch configs (CUDA and HIP lists, a default per arch) are registered with
-:mod:`nitro_ar.kernels.tuning` as the ops ``modulated_norm`` and ``modulated_norm_backward``.
+Offsets are int32 unless the launch plan (:func:`_prepare`, from sizes and strides alone) finds
+a tensor spanning 2^31 elements or more: then ``INDEX_64`` widens every row and batch index
+before it meets a stride (:func:`nitro_ar.kernels.offsets.widen`).
+
+Launch configs (CUDA and HIP lists, a default per arch) are :class:`~nitro_ar.kernels.launch.ConfigTable`
+objects, tuned as the ops ``modulated_norm`` and ``modulated_norm_backward`` (problems and
+benchmarks: :mod:`nitro_ar.kernels.tuning_problems`). The eager reference is
+:func:`nitro_ar.kernels.reference.modulated_norm`.
+
+File order: kernels, launch configs and launchers, autograd Function, validation, public function.
 """
 from __future__ import annotations
 
@@ -33,11 +41,13 @@ import torch
 import triton
 import triton.language as tl
 
-from nitro_ar import layers
-from nitro_ar.layers import AdaLNAffine
-
-from .backend import select_backend
-from .tuning import get_config, register_kernel_ops
+from . import reference
+from .backend import KERNEL_BACKENDS, select_backend
+from .errors import KernelInputError
+from .launch import ConfigTable, needs_int64, storage_span
+from .offsets import widen
+from .reference import AdaLNAffine
+from .tuning import get_config
 
 __all__ = [
     "AdaLNAffine",
@@ -46,13 +56,10 @@ __all__ = [
     "modulated_norm_forward",
     "modulated_norm_backward",
     "ModulatedNormFunction",
-    "CUDA_FORWARD_CONFIGS",
-    "HIP_FORWARD_CONFIGS",
-    "CUDA_BACKWARD_CONFIGS",
-    "HIP_BACKWARD_CONFIGS",
+    "FORWARD_CONFIGS",
+    "BACKWARD_CONFIGS",
     "candidate_configs",
     "default_config",
-    "tuning_shapes",
     "tuning_bucket",
 ]
 
@@ -82,10 +89,16 @@ _ADALN: tl.constexpr = tl.constexpr(int(Source.ADALN))
 # Kernels
 # --------------------------------------------------------------------------------------------
 @triton.jit
+def _tile_offsets(batch, stride_b, stride_l, rows, cols):
+    """Element offsets (BLOCK_ROWS, BLOCK_D) of a tile of a (B, L, D) view with unit stride over
+    D, in the width of ``batch`` and ``rows`` (widened by the launch plan's INDEX_64)."""
+    return batch * stride_b + rows[:, None] * stride_l + cols[None, :]
+
+
+@triton.jit
 def _load_tile(ptr, batch, stride_b, stride_l, rows, cols, mask):
     """A (BLOCK_ROWS, BLOCK_D) fp32 tile of a (B, L, D) view with unit stride over D."""
-    offsets = batch * stride_b + rows[:, None] * stride_l + cols[None, :]
-    return tl.load(ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    return tl.load(ptr + _tile_offsets(batch, stride_b, stride_l, rows, cols), mask=mask, other=0.0).to(tl.float32)
 
 
 @triton.jit
@@ -118,11 +131,12 @@ def _modulation_tile(ptr, batch, stride_b, stride_l, rows, cols, mask, batch_row
 
 
 @triton.jit
-def _sum_rows(base_ptr, n_rows, D, cols, col_mask, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr):
+def _sum_rows(base_ptr, n_rows, D, cols, col_mask, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
+              INDEX_64: tl.constexpr):
     """Column sums (BLOCK_D,) of an (n_rows, D) contiguous fp32 block, accumulated in fp32."""
     acc = tl.zeros([BLOCK_P, BLOCK_D], dtype=tl.float32)
     for start in range(0, n_rows, BLOCK_P):
-        rows = start + tl.arange(0, BLOCK_P)
+        rows = widen(start, INDEX_64) + tl.arange(0, BLOCK_P)
         mask = (rows < n_rows)[:, None] & col_mask[None, :]
         acc += tl.load(base_ptr + rows[:, None] * D + cols[None, :], mask=mask, other=0.0)
     return tl.sum(acc, axis=0)
@@ -142,14 +156,14 @@ def _modulated_norm_fwd_kernel(
     L, D, eps,
     IS_RMS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
     GATE: tl.constexpr, MODULATION: tl.constexpr, STORE_STATS: tl.constexpr,
-    BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr, INDEX_64: tl.constexpr,
 ):
     """Grid (cdiv(L, BLOCK_ROWS), B): one tile of BLOCK_ROWS tokens of one batch element.
 
     x_new / out are contiguous (B, L, D); mean / rstd are (B * L,) fp32 (mean: LayerNorm only).
     """
-    batch = tl.program_id(1).to(tl.int64)
-    rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    batch = widen(tl.program_id(1), INDEX_64)
+    rows = widen(tl.program_id(0) * BLOCK_ROWS, INDEX_64) + tl.arange(0, BLOCK_ROWS)
     cols = tl.arange(0, BLOCK_D)
     row_mask = rows < L
     col_mask = cols < D
@@ -219,7 +233,7 @@ def _modulated_norm_bwd_kernel(
     STORE_GRAD_X: tl.constexpr, STORE_GRAD_RES: tl.constexpr, NEED_GRAD_GATE: tl.constexpr,
     NEED_GRAD_SHIFT: tl.constexpr, NEED_GRAD_SCALE: tl.constexpr, NEED_GRAD_WEIGHT: tl.constexpr,
     NEED_GRAD_BIAS: tl.constexpr,
-    BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr, INDEX_64: tl.constexpr,
 ):
     """Grid (P, B): program p of batch b handles tokens [p * rows_per_program, ...) of b.
 
@@ -229,7 +243,7 @@ def _modulated_norm_bwd_kernel(
     pointer is a (B, P, D) fp32 buffer of per-program partial sums.
     """
     program = tl.program_id(0)
-    batch = tl.program_id(1).to(tl.int64)
+    batch = widen(tl.program_id(1), INDEX_64)
     partial_offsets = (batch * tl.num_programs(0) + program) * D
     cols = tl.arange(0, BLOCK_D)
     col_mask = cols < D
@@ -249,7 +263,7 @@ def _modulated_norm_bwd_kernel(
     acc_gate = tl.zeros([BLOCK_ROWS, BLOCK_D], dtype=tl.float32)
 
     for row_start in range(row_begin, row_end, BLOCK_ROWS):
-        rows = row_start + tl.arange(0, BLOCK_ROWS)
+        rows = widen(row_start, INDEX_64) + tl.arange(0, BLOCK_ROWS)
         row_mask = rows < row_end
         mask = row_mask[:, None] & col_mask[None, :]
         grad_offsets = (batch * L + rows[:, None]) * D + cols[None, :]
@@ -323,12 +337,14 @@ def _modulated_norm_bwd_kernel(
 
 
 @triton.jit
-def _sum_partials_kernel(partial_ptr, out_ptr, n_partials, D, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr):
+def _sum_partials_kernel(partial_ptr, out_ptr, n_partials, D, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
+                         INDEX_64: tl.constexpr):
     """Grid (G, cdiv(D, BLOCK_D)): out[g] = sum_p partial[g, p] for a (G, n_partials, D) fp32 buffer."""
-    group = tl.program_id(0).to(tl.int64)
+    group = widen(tl.program_id(0), INDEX_64)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     col_mask = cols < D
-    total = _sum_rows(partial_ptr + group * n_partials * D, n_partials, D, cols, col_mask, BLOCK_P, BLOCK_D)
+    total = _sum_rows(partial_ptr + group * n_partials * D, n_partials, D, cols, col_mask, BLOCK_P, BLOCK_D,
+                      INDEX_64)
     tl.store(out_ptr + group * D + cols, total.to(out_ptr.dtype.element_ty), mask=col_mask)
 
 
@@ -337,7 +353,7 @@ def _adaln_backward_kernel(
     partial_ptr, temb_ptr, temb_stride_b, ada_scale_ptr,
     grad_temb_ptr, grad_temb_stride_b, grad_ada_bias_ptr, grad_ada_scale_ptr,
     chunk0, chunk1, chunk2, B, P, D,
-    BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, INDEX_64: tl.constexpr,
 ):
     """Grid (S, cdiv(D, BLOCK_D)): gradients of the AdaLN-affine parameters for S <= 3 chunks.
 
@@ -353,9 +369,10 @@ def _adaln_backward_kernel(
     one_plus_scale = 1.0 + tl.load(ada_scale_ptr + offsets, mask=col_mask, other=0.0).to(tl.float32)
     acc_bias = tl.zeros([BLOCK_D], dtype=tl.float32)
     acc_scale = tl.zeros([BLOCK_D], dtype=tl.float32)
-    for batch in range(0, B):
-        base = partial_ptr + (slot * B + batch).to(tl.int64) * P * D
-        grad_mod = _sum_rows(base, P, D, cols, col_mask, BLOCK_P, BLOCK_D)
+    for batch_index in range(0, B):
+        batch = widen(batch_index, INDEX_64)
+        base = partial_ptr + (slot * B + batch) * P * D
+        grad_mod = _sum_rows(base, P, D, cols, col_mask, BLOCK_P, BLOCK_D, INDEX_64)
         temb = tl.load(temb_ptr + batch * temb_stride_b + offsets, mask=col_mask, other=0.0).to(tl.float32)
         tl.store(grad_temb_ptr + batch * grad_temb_stride_b + offsets,
                  (grad_mod * one_plus_scale).to(grad_temb_ptr.dtype.element_ty), mask=col_mask)
@@ -366,16 +383,19 @@ def _adaln_backward_kernel(
 
 
 # --------------------------------------------------------------------------------------------
-# Launch configs, side by side per backend, and their registration with the tuner
+# Launch configs, side by side per backend
 # --------------------------------------------------------------------------------------------
 # TILE_ELEMENTS (host-side) is the size of one program's (BLOCK_ROWS, BLOCK_D) tile: narrow rows
 # (D = 48, 96) batch many tokens per program, D = 768 takes 1 to 8. The forward runs one tile per
 # program (no loop, so num_stages is moot); the backward walks rows in a loop over a grid of
 # PROGRAMS_PER_SM x multiprocessors programs (more programs: more parallelism, but more partial
 # sums to write and reduce). The backward keeps about 3x more values live per row than the
-# forward, so its candidates hold half as many values per lane.
-# No tl.dot, so the only HIP-only key that applies is the occupancy hint waves_per_eu; on HIP
-# num_warps counts 64-wide wavefronts (<= 16) and nothing here touches LDS beyond reductions.
+# forward, so its candidates hold half as many values per lane. num_stages is 1 everywhere:
+# nothing is loaded through shared memory in a pipelined loop, and num_stages 1 and 2 compile
+# to identical code for both kernels on sm_90 and gfx942 (issue 10), so 2 only duplicated work.
+# No tl.dot, so the only HIP-only key that applies is the occupancy hint waves_per_eu (a tuning
+# candidate; the defaults leave it to the compiler); on HIP num_warps counts 64-wide wavefronts
+# (<= 16) and nothing here touches LDS beyond reductions.
 _TILES = (1024, 2048, 4096, 8192)
 
 
@@ -386,304 +406,62 @@ def _fits(tile: int, warps: int, lane_width: int, most: int) -> bool:
     return 4 <= per_lane <= (most // 2 if warps == 16 else most)
 
 
-CUDA_FORWARD_CONFIGS = [
-    dict(TILE_ELEMENTS=tile, num_warps=warps, num_stages=1)
-    for tile in _TILES for warps in (1, 2, 4, 8, 16) if _fits(tile, warps, 32, 16)
-]
-HIP_FORWARD_CONFIGS = [
-    dict(TILE_ELEMENTS=tile, num_warps=warps, num_stages=1, waves_per_eu=waves)
-    for tile in _TILES for warps in (1, 2, 4, 8, 16) for waves in (0, 2, 4) if _fits(tile, warps, 64, 16)
-]
-CUDA_BACKWARD_CONFIGS = [
-    dict(TILE_ELEMENTS=tile, num_warps=warps, num_stages=stages, PROGRAMS_PER_SM=programs)
-    for tile in _TILES for warps in (2, 4, 8, 16) for stages in (1, 2) for programs in (1, 2, 4)
-    if _fits(tile, warps, 32, 8)
-]
-HIP_BACKWARD_CONFIGS = [
-    dict(TILE_ELEMENTS=tile, num_warps=warps, num_stages=1, PROGRAMS_PER_SM=programs, waves_per_eu=waves)
-    for tile in _TILES for warps in (1, 2, 4, 8, 16) for programs in (1, 2, 4) for waves in (0, 2)
-    if _fits(tile, warps, 64, 8)
-]
 # The interpreter ignores launch options; large tiles mean fewer interpreted programs, and its
 # stand-in multiprocessor count (below) still gives several backward programs per batch.
 INTERPRETER_CONFIG = dict(TILE_ELEMENTS=4096, num_warps=4, num_stages=1, PROGRAMS_PER_SM=2)
-_INTERPRETER_MULTIPROCESSORS = 2
+INTERPRETER_MULTIPROCESSORS = 2
+_HOST_KEYS = ("TILE_ELEMENTS", "PROGRAMS_PER_SM")
 
-_CONFIG_LISTS = {
-    "modulated_norm": {"cuda": CUDA_FORWARD_CONFIGS, "hip": HIP_FORWARD_CONFIGS, "cpu": [INTERPRETER_CONFIG]},
-    "modulated_norm_backward": {"cuda": CUDA_BACKWARD_CONFIGS, "hip": HIP_BACKWARD_CONFIGS,
-                                "cpu": [INTERPRETER_CONFIG]},
-}
 # Untuned starting points, first matching (vendor, arch prefix) wins; 8..16 values per lane.
 # Tiles are sized so that the CFG-batch row counts (a few hundred rows of D = 768) still give
 # a few programs per SM/CU: MI300-class GPUs (gfx94x/gfx95x, 304 / 256 CUs) take smaller tiles.
-_DEFAULTS = {
-    "modulated_norm": [
+FORWARD_CONFIGS = ConfigTable(
+    cuda=[dict(TILE_ELEMENTS=tile, num_warps=warps, num_stages=1)
+          for tile in _TILES for warps in (1, 2, 4, 8, 16) if _fits(tile, warps, 32, 16)],
+    hip=[dict(TILE_ELEMENTS=tile, num_warps=warps, num_stages=1, waves_per_eu=waves)
+         for tile in _TILES for warps in (1, 2, 4, 8, 16) for waves in (0, 2, 4) if _fits(tile, warps, 64, 16)],
+    interpreter=dict(INTERPRETER_CONFIG),
+    defaults=[
         ("cuda", "", dict(TILE_ELEMENTS=2048, num_warps=4, num_stages=1)),
         ("hip", "gfx94", dict(TILE_ELEMENTS=1024, num_warps=1, num_stages=1)),
         ("hip", "gfx95", dict(TILE_ELEMENTS=1024, num_warps=1, num_stages=1)),
         ("hip", "", dict(TILE_ELEMENTS=2048, num_warps=2, num_stages=1)),
-        ("cpu", "", INTERPRETER_CONFIG),
     ],
-    "modulated_norm_backward": [
+    host_keys=_HOST_KEYS,
+)
+BACKWARD_CONFIGS = ConfigTable(
+    cuda=[dict(TILE_ELEMENTS=tile, num_warps=warps, num_stages=1, PROGRAMS_PER_SM=programs)
+          for tile in _TILES for warps in (2, 4, 8, 16) for programs in (1, 2, 4) if _fits(tile, warps, 32, 8)],
+    hip=[dict(TILE_ELEMENTS=tile, num_warps=warps, num_stages=1, PROGRAMS_PER_SM=programs, waves_per_eu=waves)
+         for tile in _TILES for warps in (1, 2, 4, 8, 16) for programs in (1, 2, 4) for waves in (0, 2)
+         if _fits(tile, warps, 64, 8)],
+    interpreter=dict(INTERPRETER_CONFIG),
+    defaults=[
         ("cuda", "", dict(TILE_ELEMENTS=2048, num_warps=8, num_stages=1, PROGRAMS_PER_SM=2)),
         ("hip", "gfx94", dict(TILE_ELEMENTS=1024, num_warps=2, num_stages=1, PROGRAMS_PER_SM=2)),
         ("hip", "gfx95", dict(TILE_ELEMENTS=1024, num_warps=2, num_stages=1, PROGRAMS_PER_SM=2)),
         ("hip", "", dict(TILE_ELEMENTS=2048, num_warps=4, num_stages=1, PROGRAMS_PER_SM=2)),
-        ("cpu", "", INTERPRETER_CONFIG),
     ],
-}
-# Host-side meta-parameters: everything else in a config is a Triton launch option.
-_HOST_KEYS = ("TILE_ELEMENTS", "PROGRAMS_PER_SM")
+    host_keys=_HOST_KEYS,
+)
+CONFIGS = {"modulated_norm": FORWARD_CONFIGS, "modulated_norm_backward": BACKWARD_CONFIGS}
 
 
 def candidate_configs(op_name: str, vendor: str) -> List[dict]:
     """Configs to tune ``op_name`` ("modulated_norm" | "modulated_norm_backward") over on
     ``vendor`` ("cuda" | "hip" | "cpu")."""
-    lists = _CONFIG_LISTS[op_name]
-    if vendor not in lists:
-        raise ValueError(f"unknown vendor {vendor!r}")
-    return [dict(config) for config in lists[vendor]]
+    return CONFIGS[op_name].candidates(vendor)
 
 
 def default_config(op_name: str, vendor: str, arch: str) -> dict:
     """The untuned config of ``op_name`` ("modulated_norm" | "modulated_norm_backward") on (vendor, arch)."""
-    for entry_vendor, arch_prefix, config in _DEFAULTS[op_name]:
-        if entry_vendor == vendor and arch.startswith(arch_prefix):
-            return dict(config)
-    raise ValueError(f"unknown vendor {vendor!r}")
-
-
-def tuning_shapes(shape_set: str) -> List[dict]:
-    """Problem shapes of ``"nitro-ar"``, ``"nitro-e"`` or ``"all"`` (bf16, D = 768): the fused
-    residual + norm sites of each model at inference (CFG batch 2) and training batch sizes."""
-    if shape_set not in ("nitro-ar", "nitro-e", "all"):
-        raise ValueError(f"unknown shape set {shape_set!r}; expected nitro-ar, nitro-e or all")
-    site = dict(dim=768, dtype="bfloat16")
-    shapes = []
-    if shape_set != "nitro-e":
-        # Backbone x + attn -> norm2 (no affine) on image, text and middle-stage tokens.
-        shapes += [dict(site, batch=batch, length=length, norm="layer", affine=False, modulation="none")
-                   for batch in (2, 32) for length in (256, 128, 80)]
-        # MLP head res block (per-token chunks of one projection) on inference and training rows;
-        # transformer head RMSNorm with per-token modulation.
-        shapes += [dict(site, batch=1, length=rows, norm="layer", affine=True, modulation="token")
-                   for rows in (512, 8192)]
-        shapes += [dict(site, batch=batch, length=256, norm="rms", affine=True, modulation="token")
-                   for batch in (2, 32)]
-    if shape_set != "nitro-ar":
-        shapes += [dict(site, batch=batch, length=length, norm="layer", affine=False, modulation="adaln")
-                   for batch in (2, 32) for length in (256, 128, 80)]
-    return shapes
+    return CONFIGS[op_name].default(vendor, arch)
 
 
 def tuning_bucket(shape: dict) -> str:
     """Configs depend on the row width (its power-of-two block) and the row count (programs)."""
     rows = shape["batch"] * shape["length"]
     return f"d{triton.next_power_of_2(shape['dim'])}_r{min(triton.next_power_of_2(rows), 1 << 16)}"
-
-
-def _tuning_problem(shape: dict, device: torch.device):
-    """Random inputs of one tuning shape: (plan, canonical inputs), as :func:`modulated_norm` builds them."""
-    batch, length, dim = shape["batch"], shape["length"], shape["dim"]
-    dtype = getattr(torch, shape["dtype"])
-
-    def randn(*size):
-        return torch.randn(*size, device=device, dtype=dtype)
-
-    x, residual = randn(batch, length, dim), randn(batch, length, dim)
-    weight = randn(dim) if shape["affine"] else None
-    bias = randn(dim) if shape["affine"] and shape["norm"] == "layer" else None
-    kwargs = dict(norm=shape["norm"], eps=1e-6, weight=weight, bias=bias, residual=residual)
-    if shape["modulation"] == "token":
-        # (shift, scale, gate) as chunks of one projection output, as the MLP head produces them
-        kwargs["shift"], kwargs["scale"], kwargs["gate"] = randn(batch, length, 3 * dim).chunk(3, dim=-1)
-    elif shape["modulation"] == "adaln":
-        kwargs["adaln"] = AdaLNAffine(randn(batch, 6 * dim), randn(6, dim), randn(6, dim),
-                                      shift_chunk=3, scale_chunk=4, gate_chunk=2)
-    return _prepare(x, **kwargs)
-
-
-def _bench_forward(shape: dict, config: dict, device: torch.device) -> float:
-    plan, inputs = _tuning_problem(shape, device)
-    return triton.testing.do_bench(lambda: modulated_norm_forward(plan, *inputs, store_stats=False, config=config))
-
-
-def _bench_backward(shape: dict, config: dict, device: torch.device) -> float:
-    plan, inputs = _tuning_problem(shape, device)
-    x_new, out, mean, rstd = modulated_norm_forward(plan, *inputs, store_stats=True)
-    grad_out = torch.randn_like(out)
-    saved = _backward_inputs(inputs, x_new, mean, rstd)
-    needs = tuple(tensor is not None for tensor in inputs)
-    return triton.testing.do_bench(
-        lambda: modulated_norm_backward(plan, grad_out, grad_out, *saved, needs=needs, config=config))
-
-
-register_kernel_ops({"modulated_norm": _bench_forward, "modulated_norm_backward": _bench_backward},
-                    candidate_configs, default_config, tuning_shapes, tuning_bucket)
-
-
-# --------------------------------------------------------------------------------------------
-# Input checking: one plan shared by the kernel and torch paths
-# --------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class _Plan:
-    """What one call computes, in the canonical (B, L, D) view; passed through autograd."""
-
-    shape: torch.Size  # x's own shape, restored on the outputs
-    batch: int
-    length: int
-    dim: int
-    is_rms: bool
-    eps: float
-    has_weight: bool
-    has_bias: bool
-    has_residual: bool
-    gate: Source
-    modulation: Source
-    shift_chunk: int  # AdaLN chunk indices; 0 where unused
-    scale_chunk: int
-    gate_chunk: int
-
-
-def _unit_stride(name: str, tensor: torch.Tensor) -> None:
-    if tensor.dim() and tensor.stride(-1) != 1 and tensor.shape[-1] > 1:
-        raise ValueError(f"{name} must have unit stride over its last dim (got strides {tuple(tensor.stride())}); "
-                         f"call .contiguous() on it")
-
-
-def _same_device(name: str, tensor: torch.Tensor, x: torch.Tensor) -> None:
-    if tensor.device != x.device:
-        raise ValueError(f"{name} is on {tensor.device} but x is on {x.device}")
-
-
-def _activation(name: str, tensor: torch.Tensor, x: torch.Tensor) -> None:
-    """Activations share x's device and dtype and read through strides."""
-    _same_device(name, tensor, x)
-    if tensor.dtype != x.dtype:
-        raise ValueError(f"{name} has dtype {tensor.dtype} but x has {x.dtype}")
-    _unit_stride(name, tensor)
-
-
-def _parameter(name: str, tensor: torch.Tensor, shape: Tuple[int, ...], x: torch.Tensor) -> None:
-    """Parameters are contiguous, on x's device, in x's dtype or float32."""
-    _same_device(name, tensor, x)
-    if tuple(tensor.shape) != shape:
-        raise ValueError(f"{name} has shape {tuple(tensor.shape)}; expected {shape}")
-    if tensor.dtype not in (x.dtype, torch.float32):
-        raise ValueError(f"{name} has dtype {tensor.dtype}; expected x's dtype {x.dtype} or float32")
-    if not tensor.is_contiguous():
-        raise ValueError(f"{name} must be contiguous")
-
-
-def _row_source(name: str, tensor: torch.Tensor, x: torch.Tensor, x3: torch.Tensor) -> Tuple[Source, torch.Tensor]:
-    """Classify a shift/scale/gate tensor against x and return its canonical view:
-    (B, L, D) per token (x's own shape), or (B, D) per batch (given as (B, D) or (B, 1, D))."""
-    _activation(name, tensor, x)
-    batch, _, dim = x3.shape
-    if tensor.shape == x.shape:
-        return Source.PER_TOKEN, tensor if tensor.dim() == 3 else tensor.unsqueeze(0)
-    if tuple(tensor.shape) == (batch, dim):
-        return Source.PER_BATCH, tensor
-    if tuple(tensor.shape) == (batch, 1, dim):
-        return Source.PER_BATCH, tensor[:, 0]
-    raise ValueError(f"{name} has shape {tuple(tensor.shape)}; expected {tuple(x.shape)} (per token), "
-                     f"({batch}, {dim}) or ({batch}, 1, {dim}) (per batch)")
-
-
-def _adaln_chunks(adaln: AdaLNAffine, x: torch.Tensor, batch: int, dim: int) -> dict:
-    """Validate an :class:`AdaLNAffine`; return its chunk indices that are set, by field name."""
-    temb, ada_bias, ada_scale = adaln.temb, adaln.bias, adaln.scale
-    _activation("adaln.temb", temb, x)
-    if ada_bias.dim() != 2 or ada_bias.shape[1] != dim:
-        raise ValueError(f"adaln.bias has shape {tuple(ada_bias.shape)}; expected (K, {dim})")
-    n_chunks = ada_bias.shape[0]
-    _parameter("adaln.bias", ada_bias, (n_chunks, dim), x)
-    _parameter("adaln.scale", ada_scale, (n_chunks, dim), x)
-    if ada_scale.dtype != ada_bias.dtype:
-        raise ValueError(f"adaln.bias ({ada_bias.dtype}) and adaln.scale ({ada_scale.dtype}) must share a dtype")
-    if tuple(temb.shape) != (batch, n_chunks * dim):
-        raise ValueError(f"adaln.temb has shape {tuple(temb.shape)}; expected ({batch}, {n_chunks} * {dim})")
-    if (adaln.shift_chunk is None) != (adaln.scale_chunk is None):
-        raise ValueError("adaln.shift_chunk and adaln.scale_chunk go together: give both or neither")
-    chunks = {name: getattr(adaln, name) for name in ("shift_chunk", "scale_chunk", "gate_chunk")
-              if getattr(adaln, name) is not None}
-    if not chunks:
-        raise ValueError("adaln given without shift_chunk/scale_chunk or gate_chunk")
-    for name, index in chunks.items():
-        if not 0 <= index < n_chunks:
-            raise ValueError(f"adaln.{name}={index} is outside the {n_chunks} chunks")
-    if len(set(chunks.values())) != len(chunks):
-        raise ValueError(f"adaln chunk indices must be distinct, got {chunks}")
-    return chunks
-
-
-def _prepare(x, *, norm, eps, weight=None, bias=None, shift=None, scale=None, residual=None, gate=None, adaln=None):
-    """Validate the arguments of :func:`modulated_norm`; return (plan, canonical inputs).
-
-    Canonical inputs, in kernel order: x, residual, gate, shift, scale (3-D (B, L, D) views, or
-    (B, D) per batch), weight, bias, temb, AdaLN bias, AdaLN scale; None where absent.
-    """
-    if norm not in NORMS:
-        raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
-    if not isinstance(x, torch.Tensor) or x.dim() not in (2, 3):
-        raise ValueError(f"x must be a (B, L, D) or (N, D) tensor, got {getattr(x, 'shape', type(x))}")
-    if x.dtype not in SUPPORTED_DTYPES:
-        raise ValueError(f"x has dtype {x.dtype}; expected one of {SUPPORTED_DTYPES}")
-    if x.shape[-1] == 0:
-        raise ValueError("x has an empty last dim")
-    _unit_stride("x", x)
-    x3 = x if x.dim() == 3 else x.unsqueeze(0)
-    batch, length, dim = x3.shape
-    if weight is not None:
-        _parameter("weight", weight, (dim,), x)
-    if bias is not None:
-        if norm == "rms":
-            raise ValueError("bias given with norm='rms'; RMSNorm has no bias")
-        _parameter("bias", bias, (dim,), x)
-        if weight is not None and bias.dtype != weight.dtype:
-            raise ValueError(f"weight ({weight.dtype}) and bias ({bias.dtype}) must share a dtype")
-
-    residual3 = None
-    if residual is not None:
-        _activation("residual", residual, x)
-        if residual.shape != x.shape:
-            raise ValueError(f"residual has shape {tuple(residual.shape)} but x has {tuple(x.shape)}")
-        residual3 = residual if residual.dim() == 3 else residual.unsqueeze(0)
-
-    chunks = _adaln_chunks(adaln, x, batch, dim) if adaln is not None else {}
-    temb, ada_bias, ada_scale = (adaln.temb, adaln.bias, adaln.scale) if adaln is not None else (None, None, None)
-    adaln_shift, adaln_gate = "shift_chunk" in chunks, "gate_chunk" in chunks
-
-    modulation, shift3, scale3 = Source.NONE, None, None
-    if (shift is None) != (scale is None):
-        raise ValueError("shift and scale go together: give both or neither")
-    if shift is not None:
-        if adaln_shift:
-            raise ValueError("shift/scale given both as tensors and as adaln chunks")
-        modulation, shift3 = _row_source("shift", shift, x, x3)
-        scale_source, scale3 = _row_source("scale", scale, x, x3)
-        if scale_source != modulation:
-            raise ValueError(f"shift is {modulation.name.lower()} but scale is {scale_source.name.lower()}; "
-                             "both must be per batch or both per token")
-    elif adaln_shift:
-        modulation = Source.ADALN
-
-    gate_source, gate3 = Source.NONE, None
-    if gate is not None:
-        if adaln_gate:
-            raise ValueError("gate given both as a tensor and as adaln.gate_chunk")
-        gate_source, gate3 = _row_source("gate", gate, x, x3)
-    elif adaln_gate:
-        gate_source = Source.ADALN
-    if gate_source != Source.NONE and residual is None:
-        raise ValueError("a gate needs a residual: x_new = x + gate * residual")
-
-    plan = _Plan(shape=x.shape, batch=batch, length=length, dim=dim, is_rms=norm == "rms", eps=float(eps),
-                 has_weight=weight is not None, has_bias=bias is not None, has_residual=residual is not None,
-                 gate=gate_source, modulation=modulation, shift_chunk=chunks.get("shift_chunk", 0),
-                 scale_chunk=chunks.get("scale_chunk", 0), gate_chunk=chunks.get("gate_chunk", 0))
-    return plan, (x3, residual3, gate3, shift3, scale3, weight, bias, temb, ada_bias, ada_scale)
 
 
 # --------------------------------------------------------------------------------------------
@@ -696,30 +474,26 @@ def _strides(tensor: Optional[torch.Tensor]) -> Tuple[int, int]:
     return (tensor.stride(0), tensor.stride(1)) if tensor.dim() == 3 else (tensor.stride(0), 0)
 
 
-def _launch_options(config: dict) -> dict:
-    return {key: value for key, value in config.items() if key not in _HOST_KEYS}
-
-
 def _block_rows(config: dict, block_d: int, length: int) -> int:
     return max(1, min(config["TILE_ELEMENTS"] // block_d, triton.next_power_of_2(length)))
 
 
 def _block_d(plan: _Plan) -> int:
     if plan.dim > MAX_DIM:
-        raise ValueError(f"rows of {plan.dim} elements exceed the kernel's limit of {MAX_DIM}; use backend='torch'")
+        raise KernelInputError(f"x has rows of {plan.dim} elements: the kernel takes at most {MAX_DIM}; "
+                               "use backend='torch'")
     return triton.next_power_of_2(plan.dim)
 
 
 def _config(op_name: str, plan: _Plan, device: torch.device) -> dict:
-    shape = dict(batch=plan.batch, length=plan.length, dim=plan.dim)
-    return get_config(op_name, device, tuning_bucket(shape))
+    return get_config(op_name, device, tuning_bucket(dict(batch=plan.batch, length=plan.length, dim=plan.dim)))
 
 
 @functools.lru_cache(maxsize=None)
 def _multiprocessors(device: torch.device) -> int:
     """SMs (CUDA) or CUs (ROCm) of ``device``; a small stand-in for the CPU interpreter."""
     if device.type != "cuda":
-        return _INTERPRETER_MULTIPROCESSORS
+        return INTERPRETER_MULTIPROCESSORS
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
@@ -759,19 +533,19 @@ def modulated_norm_forward(plan: _Plan, x, residual, gate, shift, scale, weight,
         length, dim, plan.eps,
         IS_RMS=plan.is_rms, HAS_WEIGHT=plan.has_weight, HAS_BIAS=plan.has_bias, HAS_RESIDUAL=plan.has_residual,
         GATE=int(plan.gate), MODULATION=int(plan.modulation), STORE_STATS=store_stats,
-        BLOCK_ROWS=block_rows, BLOCK_D=block_d, **_launch_options(config),
+        BLOCK_ROWS=block_rows, BLOCK_D=block_d, INDEX_64=plan.index_64, **FORWARD_CONFIGS.launch_options(config),
     )
     return x_new, out, mean, rstd
 
 
-def _sum_partials(partials: torch.Tensor, n_partials: int, dtype: torch.dtype) -> torch.Tensor:
+def _sum_partials(partials: torch.Tensor, n_partials: int, dtype: torch.dtype, index_64: bool) -> torch.Tensor:
     """(..., n_partials, D) fp32 partial sums -> (..., D) in ``dtype``, one launch."""
     dim = partials.shape[-1]
     groups = partials.numel() // (n_partials * dim)
     out = torch.empty((groups, dim), device=partials.device, dtype=dtype)
     block_d = min(triton.next_power_of_2(dim), 256)
     _sum_partials_kernel[(groups, triton.cdiv(dim, block_d))](
-        partials, out, n_partials, dim, BLOCK_P=32, BLOCK_D=block_d)
+        partials, out, n_partials, dim, BLOCK_P=32, BLOCK_D=block_d, INDEX_64=index_64)
     return out
 
 
@@ -820,6 +594,7 @@ def modulated_norm_backward(plan: _Plan, grad_out, grad_x_new, z, mean, rstd, re
     params = [name for name in ("weight", "bias") if need_grad[name]]
     slots = summed + adaln + params
     partials = torch.empty((len(slots), batch, programs, dim), device=device, dtype=torch.float32)
+    index_64 = plan.index_64 or needs_int64(partials.numel())
     grads = {name: partials[index] for index, name in enumerate(slots)}
     for name, source in sources.items():
         if need_grad[name] and source == Source.PER_TOKEN:
@@ -854,15 +629,15 @@ def modulated_norm_backward(plan: _Plan, grad_out, grad_x_new, z, mean, rstd, re
         STORE_GRAD_X=store_grad_x, STORE_GRAD_RES=store_grad_res, NEED_GRAD_GATE=need_grad["gate"],
         NEED_GRAD_SHIFT=need_grad["shift"], NEED_GRAD_SCALE=need_grad["scale"],
         NEED_GRAD_WEIGHT=need_grad["weight"], NEED_GRAD_BIAS=need_grad["bias"],
-        BLOCK_ROWS=block_rows, BLOCK_D=block_d, **_launch_options(config),
+        BLOCK_ROWS=block_rows, BLOCK_D=block_d, INDEX_64=index_64, **BACKWARD_CONFIGS.launch_options(config),
     )
 
     if summed:
-        totals = _sum_partials(partials[: len(summed)], programs, dtype).view(len(summed), batch, dim)
+        totals = _sum_partials(partials[: len(summed)], programs, dtype, index_64).view(len(summed), batch, dim)
         grads.update(zip(summed, totals))
     if params:
         param_dtype = (weight if weight is not None else bias).dtype
-        totals = _sum_partials(partials[len(summed) + len(adaln):], batch * programs, param_dtype)
+        totals = _sum_partials(partials[len(summed) + len(adaln):], batch * programs, param_dtype, index_64)
         grads.update(zip(params, totals))
     grad_temb = grad_ada_bias = grad_ada_scale = None
     if adaln:
@@ -875,7 +650,7 @@ def modulated_norm_backward(plan: _Plan, grad_out, grad_x_new, z, mean, rstd, re
         _adaln_backward_kernel[(len(adaln), triton.cdiv(dim, block))](
             partials[len(summed): len(summed) + len(adaln)], temb, temb.stride(0), ada_scale,
             grad_temb, grad_temb.stride(0), grad_ada_bias, grad_ada_scale,
-            *chunks, batch, programs, dim, BLOCK_P=32, BLOCK_D=block)
+            *chunks, batch, programs, dim, BLOCK_P=32, BLOCK_D=block, INDEX_64=index_64)
 
     tensor_grads = {name: grads.get(name) if source in (Source.PER_BATCH, Source.PER_TOKEN) else None
                     for name, source in sources.items()}
@@ -891,6 +666,9 @@ def _backward_inputs(inputs, x_new, mean, rstd):
     return x_new, mean, rstd, residual, gate, scale, weight, bias, temb, ada_bias, ada_scale
 
 
+# --------------------------------------------------------------------------------------------
+# Autograd Function
+# --------------------------------------------------------------------------------------------
 class ModulatedNormFunction(torch.autograd.Function):
     """Autograd wrapper of the kernels: ``apply(plan, *canonical inputs)`` -> out, or
     (x_new, out) when the plan has a residual. Use :func:`modulated_norm` rather than this."""
@@ -912,31 +690,180 @@ class ModulatedNormFunction(torch.autograd.Function):
 
 
 # --------------------------------------------------------------------------------------------
-# Public entry point
+# Validation: one plan shared by the kernel and torch paths
 # --------------------------------------------------------------------------------------------
-def _modulated_norm_torch(plan: _Plan, x, residual, gate, shift, scale, weight, bias, temb, ada_bias, ada_scale):
-    """The same computation in plain PyTorch, composed from the reference ops of nitro_ar.layers."""
-    modulations = layers.adaln_affine(temb, ada_bias, ada_scale) if temb is not None else None
+@dataclass(frozen=True)
+class _Plan:
+    """What one call computes, in the canonical (B, L, D) view; passed through autograd."""
 
-    def broadcastable(source, tensor, chunk):  # -> (B, 1 or L, D)
-        if source == Source.ADALN:
-            return modulations[:, chunk, None]
-        return tensor[:, None] if source == Source.PER_BATCH else tensor
-
-    x_new = x
-    if plan.has_residual:
-        gated = residual if plan.gate == Source.NONE else broadcastable(plan.gate, gate, plan.gate_chunk) * residual
-        x_new = x + gated
-    if plan.is_rms:
-        out = layers.rms_norm(x_new, weight, plan.eps)
-    else:
-        out = layers.layer_norm(x_new, weight, bias, plan.eps)
-    if plan.modulation != Source.NONE:
-        out = layers.modulate(out, broadcastable(plan.modulation, shift, plan.shift_chunk),
-                              broadcastable(plan.modulation, scale, plan.scale_chunk))
-    return x_new.to(x.dtype), out.to(x.dtype)
+    shape: torch.Size  # x's own shape, restored on the outputs
+    batch: int
+    length: int
+    dim: int
+    is_rms: bool
+    eps: float
+    has_weight: bool
+    has_bias: bool
+    has_residual: bool
+    gate: Source
+    modulation: Source
+    shift_chunk: int  # AdaLN chunk indices; 0 where unused
+    scale_chunk: int
+    gate_chunk: int
+    index_64: bool  # 64-bit offsets: some tensor spans 2^31 elements or more (see launch.needs_int64)
 
 
+def _unit_stride(name: str, tensor: torch.Tensor) -> None:
+    if tensor.dim() and tensor.stride(-1) != 1 and tensor.shape[-1] > 1:
+        raise KernelInputError(f"{name} must have unit stride over its last dim (got strides {tuple(tensor.stride())}); "
+                               f"call .contiguous() on it")
+
+
+def _same_device(name: str, tensor: torch.Tensor, x: torch.Tensor) -> None:
+    if tensor.device != x.device:
+        raise KernelInputError(f"{name} is on {tensor.device} but x is on {x.device}")
+
+
+def _activation(name: str, tensor: torch.Tensor, x: torch.Tensor) -> None:
+    """Activations share x's device and dtype and read through strides."""
+    _same_device(name, tensor, x)
+    if tensor.dtype != x.dtype:
+        raise KernelInputError(f"{name} has dtype {tensor.dtype} but x has {x.dtype}")
+    _unit_stride(name, tensor)
+
+
+def _parameter(name: str, tensor: torch.Tensor, shape: Tuple[int, ...], x: torch.Tensor) -> torch.Tensor:
+    """A parameter on x's device, in x's dtype or float32, as the contiguous tensor the kernels
+    read (``weight_ptr + cols``): a strided or expanded one is copied once (D or K x D values;
+    the copy is differentiable)."""
+    _same_device(name, tensor, x)
+    if tuple(tensor.shape) != shape:
+        raise KernelInputError(f"{name} has shape {tuple(tensor.shape)}; expected {shape}")
+    if tensor.dtype not in (x.dtype, torch.float32):
+        raise KernelInputError(f"{name} has dtype {tensor.dtype}; expected x's dtype {x.dtype} or float32")
+    return tensor.contiguous()
+
+
+def _row_source(name: str, tensor: torch.Tensor, x: torch.Tensor, x3: torch.Tensor) -> Tuple[Source, torch.Tensor]:
+    """Classify a shift/scale/gate tensor against x and return its canonical view:
+    (B, L, D) per token (x's own shape), or (B, D) per batch (given as (B, D) or (B, 1, D))."""
+    _activation(name, tensor, x)
+    batch, _, dim = x3.shape
+    if tensor.shape == x.shape:
+        return Source.PER_TOKEN, tensor if tensor.dim() == 3 else tensor.unsqueeze(0)
+    if tuple(tensor.shape) == (batch, dim):
+        return Source.PER_BATCH, tensor
+    if tuple(tensor.shape) == (batch, 1, dim):
+        return Source.PER_BATCH, tensor[:, 0]
+    raise KernelInputError(f"{name} has shape {tuple(tensor.shape)}; expected {tuple(x.shape)} (per token), "
+                           f"({batch}, {dim}) or ({batch}, 1, {dim}) (per batch)")
+
+
+def _adaln_chunks(adaln: AdaLNAffine, x: torch.Tensor, batch: int, dim: int):
+    """Validate an :class:`AdaLNAffine`; return (its chunk indices that are set, by field name,
+    temb, the contiguous AdaLN bias and scale)."""
+    temb, ada_bias, ada_scale = adaln.temb, adaln.bias, adaln.scale
+    _activation("adaln.temb", temb, x)
+    if ada_bias.dim() != 2 or ada_bias.shape[1] != dim:
+        raise KernelInputError(f"adaln.bias has shape {tuple(ada_bias.shape)}; expected (K, {dim})")
+    n_chunks = ada_bias.shape[0]
+    ada_bias = _parameter("adaln.bias", ada_bias, (n_chunks, dim), x)
+    ada_scale = _parameter("adaln.scale", ada_scale, (n_chunks, dim), x)
+    if ada_scale.dtype != ada_bias.dtype:
+        raise KernelInputError(f"adaln.bias ({ada_bias.dtype}) and adaln.scale ({ada_scale.dtype}) must share a dtype")
+    if tuple(temb.shape) != (batch, n_chunks * dim):
+        raise KernelInputError(f"adaln.temb has shape {tuple(temb.shape)}; expected ({batch}, {n_chunks} * {dim})")
+    if (adaln.shift_chunk is None) != (adaln.scale_chunk is None):
+        raise KernelInputError("adaln.shift_chunk and adaln.scale_chunk go together: give both or neither")
+    chunks = {name: getattr(adaln, name) for name in ("shift_chunk", "scale_chunk", "gate_chunk")
+              if getattr(adaln, name) is not None}
+    if not chunks:
+        raise KernelInputError("adaln given without shift_chunk/scale_chunk or gate_chunk")
+    for name, index in chunks.items():
+        if not 0 <= index < n_chunks:
+            raise KernelInputError(f"adaln.{name}={index} is outside the {n_chunks} chunks")
+    if len(set(chunks.values())) != len(chunks):
+        raise KernelInputError(f"adaln chunk indices must be distinct, got {chunks}")
+    return chunks, temb, ada_bias, ada_scale
+
+
+def _prepare(x, *, norm, eps, weight=None, bias=None, shift=None, scale=None, residual=None, gate=None, adaln=None):
+    """Validate the arguments of :func:`modulated_norm`; return (plan, canonical inputs).
+
+    Canonical inputs, in kernel order: x, residual, gate, shift, scale (3-D (B, L, D) views, or
+    (B, D) per batch), weight, bias, temb, AdaLN bias, AdaLN scale; None where absent.
+    """
+    if norm not in NORMS:
+        raise KernelInputError(f"norm must be one of {NORMS}, got {norm!r}")
+    if not isinstance(x, torch.Tensor) or x.dim() not in (2, 3):
+        raise KernelInputError(f"x must be a (B, L, D) or (N, D) tensor, got {getattr(x, 'shape', type(x))}")
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise KernelInputError(f"x has dtype {x.dtype}; expected one of {SUPPORTED_DTYPES}")
+    if x.shape[-1] == 0:
+        raise KernelInputError("x has an empty last dim")
+    _unit_stride("x", x)
+    x3 = x if x.dim() == 3 else x.unsqueeze(0)
+    batch, length, dim = x3.shape
+    if weight is not None:
+        weight = _parameter("weight", weight, (dim,), x)
+    if bias is not None:
+        if norm == "rms":
+            raise KernelInputError("bias given with norm='rms'; RMSNorm has no bias")
+        bias = _parameter("bias", bias, (dim,), x)
+        if weight is not None and bias.dtype != weight.dtype:
+            raise KernelInputError(f"weight ({weight.dtype}) and bias ({bias.dtype}) must share a dtype")
+
+    residual3 = None
+    if residual is not None:
+        _activation("residual", residual, x)
+        if residual.shape != x.shape:
+            raise KernelInputError(f"residual has shape {tuple(residual.shape)} but x has {tuple(x.shape)}")
+        residual3 = residual if residual.dim() == 3 else residual.unsqueeze(0)
+
+    chunks, temb, ada_bias, ada_scale = (_adaln_chunks(adaln, x, batch, dim) if adaln is not None
+                                         else ({}, None, None, None))
+    adaln_shift, adaln_gate = "shift_chunk" in chunks, "gate_chunk" in chunks
+
+    modulation, shift3, scale3 = Source.NONE, None, None
+    if (shift is None) != (scale is None):
+        raise KernelInputError("shift and scale go together: give both or neither")
+    if shift is not None:
+        if adaln_shift:
+            raise KernelInputError("shift/scale given both as tensors and as adaln chunks")
+        modulation, shift3 = _row_source("shift", shift, x, x3)
+        scale_source, scale3 = _row_source("scale", scale, x, x3)
+        if scale_source != modulation:
+            raise KernelInputError(f"shift is {modulation.name.lower()} but scale is {scale_source.name.lower()}; "
+                                   "both must be per batch or both per token")
+    elif adaln_shift:
+        modulation = Source.ADALN
+
+    gate_source, gate3 = Source.NONE, None
+    if gate is not None:
+        if adaln_gate:
+            raise KernelInputError("gate given both as a tensor and as adaln.gate_chunk")
+        gate_source, gate3 = _row_source("gate", gate, x, x3)
+    elif adaln_gate:
+        gate_source = Source.ADALN
+    if gate_source != Source.NONE and residual is None:
+        raise KernelInputError("a gate needs a residual: x_new = x + gate * residual")
+
+    plan = _Plan(shape=x.shape, batch=batch, length=length, dim=dim, is_rms=norm == "rms", eps=float(eps),
+                 has_weight=weight is not None, has_bias=bias is not None, has_residual=residual is not None,
+                 gate=gate_source, modulation=modulation, shift_chunk=chunks.get("shift_chunk", 0),
+                 scale_chunk=chunks.get("scale_chunk", 0), gate_chunk=chunks.get("gate_chunk", 0),
+                 index_64=needs_int64(batch * length * dim, *(_span(t) for t in (x3, residual3, gate3, shift3, scale3,
+                                                                                  temb))))
+    return plan, (x3, residual3, gate3, shift3, scale3, weight, bias, temb, ada_bias, ada_scale)
+
+
+def _span(tensor: Optional[torch.Tensor]) -> Optional[int]:
+    return None if tensor is None else storage_span(tensor.shape, tensor.stride())
+
+
+# --------------------------------------------------------------------------------------------
+# Public function
+# --------------------------------------------------------------------------------------------
 def modulated_norm(
     x: torch.Tensor,
     *,
@@ -975,14 +902,16 @@ def modulated_norm(
         ``out`` (x's shape and dtype), or ``(x_new, out)`` when ``residual`` is given.
         Differentiable with respect to every tensor input.
     Raises:
-        ValueError: naming the offending tensor, for mismatched shapes, dtypes, devices or
-        strides, and inconsistent options.
+        KernelInputError (a ValueError): naming the offending tensor, for mismatched shapes,
+        dtypes, devices or strides (activations need unit stride over D; parameters of any
+        layout are copied once), and inconsistent options.
     """
     plan, inputs = _prepare(x, norm=norm, eps=eps, weight=weight, bias=bias, shift=shift, scale=scale,
                             residual=residual, gate=gate, adaln=adaln)
-    if select_backend(x.device, backend) in ("torch", "reference"):
-        x_new, out = _modulated_norm_torch(plan, *inputs)
-    elif torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
+    if select_backend(x.device, backend) not in KERNEL_BACKENDS:
+        return reference.modulated_norm(x, norm=norm, eps=eps, weight=weight, bias=bias, shift=shift, scale=scale,
+                                        residual=residual, gate=gate, adaln=adaln)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
         outputs = ModulatedNormFunction.apply(plan, *inputs)
         x_new, out = outputs if plan.has_residual else (None, outputs)
     else:

@@ -69,12 +69,9 @@ logger = logging.getLogger("nitro_ar")
 
 ENV_TUNING_DIR = "NITRO_AR_TUNING_DIR"
 SHAPE_SETS = ("nitro-ar", "nitro-e")
-# Modules whose import registers tunable ops; one failing to import leaves the others usable.
-KERNEL_MODULES = [
-    "nitro_ar.kernels.modulated_norm",
-    "nitro_ar.kernels.joint_attention",
-    "nitro_ar.kernels.flow_step",
-]
+# Modules whose import registers tunable ops; one failing to import leaves the others usable
+# (tuning_problems registers each kernel module's ops that import).
+KERNEL_MODULES = ["nitro_ar.kernels.tuning_problems"]
 PACKAGED_DIR = Path(__file__).resolve().parent / "configs"
 GPU_REQUIRED = "autotuning needs a CUDA or ROCm GPU (it times kernels on the device it tunes for)"
 

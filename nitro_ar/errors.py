@@ -9,6 +9,9 @@ from __future__ import annotations
 
 from typing import Any
 
+# The kernels (torch and triton only) raise their own ValueError subclass; re-exported here.
+from .kernels.errors import KernelInputError
+
 __all__ = [
     "NitroARError",
     "InvalidArgumentError",
@@ -18,6 +21,7 @@ __all__ = [
     "TuningCacheError",
     "HubError",
     "TrainingError",
+    "KernelInputError",
     "invalid",
 ]
 

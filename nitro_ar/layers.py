@@ -2,18 +2,30 @@
 
 Every function reproduces the arithmetic of the official Nitro-AR / Nitro-E code (diffusers and
 timm building blocks) exactly, including where it computes in fp32 and where it casts back, so
-that fp32 outputs match the official implementation to rounding. The Triton kernels in
-``nitro_ar.kernels`` are tested against these functions.
+that fp32 outputs match the official implementation to rounding. The references of the fused
+ops (norms, modulation, AdaLN-affine, attention with ASA) are defined once beside the kernels in
+:mod:`nitro_ar.kernels.reference` and re-exported here under their names.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .kernels import reference
+from .kernels.reference import (
+    AdaLNAffine,
+    adaln_affine,
+    asa_group,
+    asa_ungroup,
+    joint_attention,
+    layer_norm,
+    modulate,
+    rms_norm,
+)
 
 __all__ = [
     "rms_norm",
@@ -21,6 +33,7 @@ __all__ = [
     "modulate",
     "adaln_affine",
     "AdaLNAffine",
+    "norm_spec",
     "gated_residual_norm_modulate",
     "timestep_embedding",
     "sincos_pos_table",
@@ -34,74 +47,15 @@ __all__ = [
 
 
 # --------------------------------------------------------------------------------------------
-# Norms and modulation
+# Norms and modulation: the eager references live beside the kernels (nitro_ar.kernels.reference)
 # --------------------------------------------------------------------------------------------
-def rms_norm(x: torch.Tensor, weight: Optional[torch.Tensor], eps: float = 1e-6) -> torch.Tensor:
-    """RMSNorm as the official code computes it: statistics and product in fp32, cast back.
-
-    ``weight * (x.float() * rsqrt(mean(x.float()^2) + eps))`` then ``type_as(x)``.
-
-    Args:
-        x: (..., D) any float dtype.
-        weight: (D,) or None.
-    Returns:
-        (..., D) in ``x.dtype``.
-    """
-    xf = x.float()
-    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    if weight is not None:
-        y = weight * y
-    return y.type_as(x)
-
-
-def layer_norm(
-    x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], eps: float
-) -> torch.Tensor:
-    """``torch.nn.functional.layer_norm`` over the last dim. x: (..., D); weight/bias: (D,) or None."""
-    return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
-
-
-def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """``x * (1 + scale) + shift``; shift/scale broadcast against x (per batch or per token)."""
-    return x * (1 + scale) + shift
-
-
-def adaln_affine(temb: torch.Tensor, bias: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """Nitro-E's AdaLN-affine modulation: ``bias[6, D] + temb.view(B, 6, D) * (1 + scale[6, D])``.
-
-    Args:
-        temb: (B, 6 * D) shared timestep projection.
-        bias, scale: (6, D) per-block parameters.
-    Returns:
-        (B, 6, D): chunks (shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp).
-    """
-    batch = temb.shape[0]
-    return bias[None] + temb.reshape(batch, 6, -1) * (1 + scale[None])
-
-
-@dataclass(eq=False, frozen=True)
-class AdaLNAffine:
-    """Nitro-E's AdaLN-affine modulation as an argument of the fused norm (evaluated in the kernel).
-
-    Chunk k of the modulation is ``bias[k] + temb.view(B, K, D)[:, k] * (1 + scale[k])`` (one
-    (D,) row per batch element). Nitro-E's order (K = 6) is shift_msa, scale_msa, gate_msa,
-    shift_mlp, scale_mlp, gate_mlp: norm1 uses ``shift_chunk=0, scale_chunk=1``; the fused
-    residual + norm2 uses ``gate_chunk=2, shift_chunk=3, scale_chunk=4``.
-
-    Attributes:
-        temb: (B, K * D) timestep projection, same dtype as x, unit stride over its last dim.
-        bias, scale: (K, D) contiguous block parameters (``scale_shift_bias``,
-            ``scale_shift_scale``), x's dtype or float32.
-        shift_chunk, scale_chunk: chunk indices of shift and scale (both or neither).
-        gate_chunk: chunk index of the residual gate, or None.
-    """
-
-    temb: torch.Tensor
-    bias: torch.Tensor
-    scale: torch.Tensor
-    shift_chunk: Optional[int] = None
-    scale_chunk: Optional[int] = None
-    gate_chunk: Optional[int] = None
+def norm_spec(norm: nn.Module) -> Tuple[str, float, Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """(kind, eps, weight, bias) of a norm module (``nn.LayerNorm`` over the last dim, or :class:`RMSNorm`)."""
+    if isinstance(norm, nn.LayerNorm) and len(norm.normalized_shape) == 1:
+        return "layer", norm.eps, norm.weight, norm.bias
+    if isinstance(norm, RMSNorm):
+        return "rms", norm.eps, norm.weight, None
+    raise TypeError(f"unsupported norm module {type(norm).__name__}")
 
 
 def gated_residual_norm_modulate(
@@ -115,7 +69,8 @@ def gated_residual_norm_modulate(
     """The "gate, add, norm, modulate" step between two sub-layers of a block.
 
     ``x_new = x + gate * y`` (or ``x + y`` without gate), then
-    ``out = norm(x_new) * (1 + scale) + shift`` (or ``norm(x_new)`` without modulation).
+    ``out = norm(x_new) * (1 + scale) + shift`` (or ``norm(x_new)`` without modulation):
+    :func:`nitro_ar.kernels.reference.modulated_norm` with the norm given as its module.
 
     Args:
         x, y: (B, L, D). gate/shift/scale: broadcastable to (B, L, D) or None.
@@ -123,11 +78,9 @@ def gated_residual_norm_modulate(
     Returns:
         (x_new, out), both (B, L, D).
     """
-    x_new = x + (y if gate is None else gate * y)
-    out = norm(x_new)
-    if scale is not None:
-        out = modulate(out, shift, scale)
-    return x_new, out
+    kind, eps, weight, bias = norm_spec(norm)
+    return reference.modulated_norm(x, norm=kind, eps=eps, weight=weight, bias=bias, shift=shift, scale=scale,
+                                    residual=y, gate=gate)
 
 
 class RMSNorm(nn.Module):
@@ -264,68 +217,3 @@ def sincos_pos_table(
         top = (max_size - grid) // 2
         table = table[top : top + grid, top : top + grid]
     return table.reshape(1, -1, dim).contiguous()
-
-
-# --------------------------------------------------------------------------------------------
-# Joint attention with Alternating Subregion Attention (ASA)
-# --------------------------------------------------------------------------------------------
-def asa_group(x: torch.Tensor, groups: int, group_len: int) -> torch.Tensor:
-    """Split a stream into ASA groups: ``b (l s n) ... -> (b s) (l n) ...``.
-
-    Position p of a length-L stream goes to group ``(p // n) % s``, keeping order inside a group.
-    x: (B, L, ...) with L divisible by s * n. Returns (B * s, L / s, ...), a copy.
-    """
-    if groups == 1:
-        return x
-    b, length = x.shape[:2]
-    rest = x.shape[2:]
-    if length % (groups * group_len):
-        raise ValueError(f"stream length {length} is not divisible by s * n = {groups} * {group_len}")
-    x = x.reshape(b, length // (groups * group_len), groups, group_len, *rest)
-    x = x.transpose(1, 2)
-    return x.reshape(b * groups, length // groups, *rest)
-
-
-def asa_ungroup(x: torch.Tensor, groups: int, group_len: int) -> torch.Tensor:
-    """Inverse of :func:`asa_group`: ``(b s) (l n) ... -> b (l s n) ...``."""
-    if groups == 1:
-        return x
-    bs, glen = x.shape[:2]
-    rest = x.shape[2:]
-    b = bs // groups
-    x = x.reshape(b, groups, glen // group_len, group_len, *rest).transpose(1, 2)
-    return x.reshape(b, glen * groups, *rest)
-
-
-def joint_attention(
-    q_img: torch.Tensor,
-    k_img: torch.Tensor,
-    v_img: torch.Tensor,
-    q_txt: torch.Tensor,
-    k_txt: torch.Tensor,
-    v_txt: torch.Tensor,
-    groups: int = 1,
-    group_len: int = 1,
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Reference joint (MMDiT) attention with ASA: cat + rearrange + SDPA + inverse.
-
-    For each ASA group, softmax(q k^T / sqrt(d)) v over that group's image members followed by
-    its text members; no mask.
-
-    Args:
-        q_img, k_img, v_img: (B, Li, H, d) image-stream projections (after q/k norm).
-        q_txt, k_txt, v_txt: (B, Lt, H, d) text-stream projections.
-        groups, group_len: ASA (s, n); (1, 1) is plain joint attention.
-    Returns:
-        (out_img (B, Li, H, d), out_txt (B, Lt, H, d)) in the query dtype.
-    """
-    li = q_img.shape[1]
-    q = torch.cat([asa_group(q_img, groups, group_len), asa_group(q_txt, groups, group_len)], dim=1)
-    k = torch.cat([asa_group(k_img, groups, group_len), asa_group(k_txt, groups, group_len)], dim=1)
-    v = torch.cat([asa_group(v_img, groups, group_len), asa_group(v_txt, groups, group_len)], dim=1)
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-    out = out.transpose(1, 2).to(q.dtype)
-    gli = li // groups
-    out_img = asa_ungroup(out[:, :gli], groups, group_len)
-    out_txt = asa_ungroup(out[:, gli:], groups, group_len)
-    return out_img, out_txt

@@ -14,6 +14,8 @@ from typing import List, Sequence, Tuple
 import numpy as np
 import torch
 
+from .kernels import reference
+
 __all__ = [
     "FlowSchedule",
     "flow_schedule",
@@ -91,10 +93,9 @@ def euler_step(x: torch.Tensor, v: torch.Tensor, sigma: torch.Tensor, sigma_next
     """One Euler step as diffusers computes it: ``x.float() + (sigma_next - sigma) * v``, cast to v's dtype.
 
     sigma, sigma_next: 0-dim float32 tensors (so a half-precision ``v`` keeps its dtype in the
-    product, exactly as in the scheduler).
+    product, exactly as in the scheduler). Defined once in :func:`nitro_ar.kernels.reference.euler_step`.
     """
-    dt = (sigma_next - sigma).to(v.device)
-    return (x.float() + dt * v).to(v.dtype)
+    return reference.euler_step(x, v, sigma, sigma_next)
 
 
 def mar_mask_len(step: int, num_steps: int, seq_len: int, still_masked: int) -> int:

@@ -1,4 +1,5 @@
-"""Parity of the fused guidance + Euler-step kernel with the eager sampler arithmetic.
+"""Parity of the fused guidance + Euler-step kernel with its eager reference
+(:func:`nitro_ar.kernels.reference.flow_step`, the sampler's arithmetic).
 
 CPU: the Triton interpreter in fp32. With a GPU and compiled Triton (TRITON_INTERPRET=0) the
 same tests run on the GPU, plus bf16/fp16 parity.
@@ -7,11 +8,14 @@ import math
 
 import pytest
 import torch
+from storage import LAYOUTS, in_storage
 
 from nitro_ar.kernels import flow_step as fs
+from nitro_ar.kernels import reference, tuning_problems
 from nitro_ar.kernels.backend import HIP_ONLY_KEYS, interpreter_requested, select_backend, validate_config
+from nitro_ar.kernels.errors import KernelInputError
 from nitro_ar.kernels.flow_step import flow_step
-from nitro_ar.schedules import euler_step, head_schedule
+from nitro_ar.schedules import head_schedule
 
 GPU_KERNELS = torch.cuda.is_available() and not interpreter_requested()
 DEVICE = torch.device("cuda") if GPU_KERNELS else torch.device("cpu")
@@ -19,12 +23,7 @@ KERNEL_BACKEND = "triton" if GPU_KERNELS else "interpret"
 SIGMA, SIGMA_NEXT = torch.tensor(0.6667, dtype=torch.float32), torch.tensor(0.3334, dtype=torch.float32)
 
 
-def eager_step(x, v, sigma, sigma_next, cfg):
-    """The reference sampler's arithmetic: chunk, guidance combine, :func:`euler_step`."""
-    if v.shape[0] == 2 * x.shape[0]:
-        v_uncond, v_cond = v.chunk(2)
-        v = v_uncond + cfg * (v_cond - v_uncond)
-    return euler_step(x, v, sigma, sigma_next)
+eager_step = reference.flow_step
 
 
 def make(shape, guided, dtype=torch.float32, requires_grad=False):
@@ -194,18 +193,56 @@ def test_configs_fit_each_vendor(op_name):
             assert config["BLOCK"] & (config["BLOCK"] - 1) == 0
             if vendor == "cuda":
                 assert not set(HIP_ONLY_KEYS) & set(config)
-    assert fs.default_config(op_name, "cpu", "cpu") == fs.INTERPRETER_CONFIG
+    assert fs.default_config(op_name, "cpu", "cpu") == fs.INTERPRETER_CONFIG == fs.CONFIGS.interpreter
     with pytest.raises(ValueError):
         fs.candidate_configs(op_name, "tpu")
 
 
 def test_tuning_shapes_and_buckets():
-    shapes = fs.tuning_shapes("nitro-ar")
-    assert shapes and fs.tuning_shapes("nitro-e") == [] and fs.tuning_shapes("all") == shapes
+    shapes = tuning_problems.flow_step_shapes("nitro-ar")
+    assert shapes and tuning_problems.flow_step_shapes("nitro-e") == []
+    assert tuning_problems.flow_step_shapes("all") == shapes
     buckets = {fs.tuning_bucket(shape) for shape in shapes}
     assert all(bucket.startswith("n") for bucket in buckets) and len(buckets) > 1
     with pytest.raises(ValueError):
-        fs.tuning_shapes("sdxl")
+        tuning_problems.flow_step_shapes("sdxl")
+
+
+@pytest.mark.parametrize("guided", [False, True])
+def test_launch_plan_selects_64_bit_offsets_from_sizes(guided):
+    """No allocation: the plan of a step whose v spans 2^31 elements or more widens offsets."""
+    # The transformer head's (B, 256, 32) images: v has 2B rows with CFG.
+    for batch, wide in ((1, False), (2**17, guided), (2**18, True)):
+        grid, index_64 = fs.launch_plan(batch * 256 * 32, guided, 1024)
+        assert index_64 == wide, batch
+        assert grid == (batch * 256 * 32 // 1024,)
+
+
+def test_named_error_type():
+    x, v = make((4, 32), guided=True)
+    with pytest.raises(KernelInputError, match="v has 5 rows"):
+        flow_step(x, v[:5], SIGMA, SIGMA_NEXT, 4.0, backend=KERNEL_BACKEND)
+
+
+@pytest.mark.parametrize("argument", ["x", "v"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_every_argument_in_any_storage(argument, layout):
+    """x and v of any layout are copied once to the contiguous layout the kernels read;
+    forward and gradients match."""
+    x, v = make((5, 3, 32), guided=True, requires_grad=True)
+    if argument == "x":
+        x = in_storage(x, layout)
+    else:
+        v = in_storage(v, layout)
+    assert_step_parity(x, v, 4.0)
+
+
+def test_sigmas_as_views_of_a_schedule():
+    """A sigma read in place from its schedule (a 0-dim view at an offset), or a 1-element tensor."""
+    sigmas = torch.tensor([0.9, 0.6667, 0.3334, 0.0], device=DEVICE)
+    x, v = make((4, 32), guided=True)
+    got = flow_step(x, v, sigmas[1], sigmas[2:3], 4.0, backend=KERNEL_BACKEND)
+    torch.testing.assert_close(got, eager_step(x, v, sigmas[1], sigmas[2], 4.0), rtol=1e-6, atol=1e-6)
 
 
 if GPU_KERNELS:

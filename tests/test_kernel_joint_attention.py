@@ -1,17 +1,19 @@
-"""Parity of the fused joint-attention (ASA) kernels with the eager reference of nitro_ar.layers.
+"""Parity of the fused joint-attention (ASA) kernels with their eager reference
+(:func:`nitro_ar.kernels.reference.fused_joint_attention`).
 
 CPU: the Triton interpreter in fp32 at small shapes (B = 1, 1..3 heads). With a GPU and compiled
 Triton (TRITON_INTERPRET=0) the same tests run on the GPU, plus bf16/fp16 parity.
 """
 import pytest
 import torch
-import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
+from storage import LAYOUTS, in_storage
 
-from nitro_ar import layers
 from nitro_ar.kernels import joint_attention as ja
+from nitro_ar.kernels import reference
 from nitro_ar.kernels.backend import interpreter_requested, select_backend, validate_config
+from nitro_ar.kernels.errors import KernelInputError
 from nitro_ar.kernels.joint_attention import joint_attention, self_attention
 
 GPU_KERNELS = torch.cuda.is_available() and not interpreter_requested()
@@ -65,20 +67,34 @@ class Problem:
                                text_output=self.text_output, backend=backend, **self.norms)
 
     def reference(self, dtype=None):
-        """q/k RMSNorm + cat + rearrange + SDPA + inverse, optionally on inputs cast to ``dtype``."""
+        """The eager reference (q/k RMSNorm + cat + rearrange + SDPA + inverse), optionally on
+        inputs cast to ``dtype``."""
         cast = (lambda t: t) if dtype is None else (lambda t: t.to(dtype))
-        (q_img, k_img, v_img), (q_txt, k_txt, v_txt) = ([cast(t) for t in s] for s in (self.img, self.txt))
-        if self.norms:
-            q_img, k_img, q_txt, k_txt = (layers.rms_norm(x, cast(self.norms[name]), 1e-6)
-                                          for x, name in zip((q_img, k_img, q_txt, k_txt), NORM_NAMES))
-        out_img, out_txt = layers.joint_attention(q_img, k_img, v_img, q_txt, k_txt, v_txt, self.groups,
-                                                  self.group_len)
+        streams = [cast(t) for t in (*self.img, *self.txt)]
+        out_img, out_txt = reference.fused_joint_attention(
+            *streams, groups=self.groups, group_len=self.group_len, text_output=self.text_output,
+            **{name: cast(weight) for name, weight in self.norms.items()})
         return (out_img, out_txt) if self.text_output else (out_img,)
 
+    def restore(self, name, layout):
+        """Give one input (``q_img`` ... ``v_txt`` or a norm weight) the same values in another
+        storage (:func:`storage.in_storage`), as a new leaf."""
+        if name in self.norms:
+            self.leaves[name] = self.norms[name].detach().clone().requires_grad_(True)
+            self.norms[name] = in_storage(self.leaves[name], layout)
+            return
+        kind, stream = name.split("_")
+        tensors = list(getattr(self, stream))
+        index = "qkv".index(kind)
+        self.leaves[name] = tensors[index].detach().clone().requires_grad_(True)
+        tensors[index] = in_storage(self.leaves[name], layout)
+        setattr(self, stream, tuple(tensors))
+
     def grads(self, outputs, upstream):
-        """Gradients of every leaf for the given upstream gradients (one per output)."""
+        """Gradients of every leaf for the given upstream gradients (one per output); the graph
+        is kept, as storage views of a leaf (see restore) are shared by two evaluations."""
         return dict(zip(self.leaves, torch.autograd.grad(outputs, list(self.leaves.values()), upstream,
-                                                         allow_unused=True)))
+                                                         allow_unused=True, retain_graph=True)))
 
 
 def kernel_outputs(result):
@@ -183,8 +199,7 @@ def test_no_unwritten_memory(nan_empty, groups, group_len, text_output):
     assert_parity(Problem(80, 48, 2, 32, groups, group_len, qk_norm=True, text_output=text_output))
 
 
-def reference_self_attention(q, k, v):
-    return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+reference_self_attention = reference.self_attention
 
 
 @pytest.mark.parametrize("backend", [KERNEL_BACKEND, "torch"])
@@ -286,6 +301,34 @@ def test_bad_input_names_the_tensor(case, backend):
     streams = [kwargs.pop(name) for name in ("q_img", "k_img", "v_img", "q_txt", "k_txt", "v_txt")]
     with pytest.raises(ValueError, match=message):
         joint_attention(*streams, backend=backend, **kwargs)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("name", [*NORM_NAMES, "q_img", "k_img", "v_txt"])
+def test_every_argument_in_any_storage(name, layout):
+    """q/k/v (read through their strides) and the q/k norm weights (copied once to the d
+    consecutive values the kernels read) in strided, expanded and NaN-padded storage."""
+    problem = Problem(20, 12, heads=2, head_dim=16, groups=2, group_len=2, qk_norm=True, batch=2, layout="separate")
+    problem.restore(name, layout)
+    assert_parity(problem)
+
+
+def test_expanded_upstream_gradient():
+    """A stride-0 upstream gradient (from ``out.sum()``) is read in the layout the kernels need."""
+    problem = Problem(16, 8, heads=2, head_dim=16, qk_norm=True)
+    out_img, out_txt = problem.run()
+    want_img, want_txt = problem.reference()
+    got = problem.grads((out_img.sum(), out_txt.sum()), None)
+    want = problem.grads((want_img.sum(), want_txt.sum()), None)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-4)
+
+
+def test_norm_weights_of_different_dtypes_are_refused():
+    norms = {name: randn(32) for name in NORM_NAMES}
+    norms["k_norm_txt"] = norms["k_norm_txt"].half()
+    with pytest.raises(KernelInputError, match="q/k norm weights must share one dtype"):
+        joint_attention(*[randn(1, 8, 2, 32) for _ in range(6)], backend=KERNEL_BACKEND, **norms)
 
 
 def test_kernel_head_dim_limits():

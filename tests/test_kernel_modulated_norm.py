@@ -1,16 +1,21 @@
-"""Parity of the fused modulated-norm kernels with the eager reference ops of nitro_ar.layers.
+"""Parity of the fused modulated-norm kernels with their eager reference
+(:func:`nitro_ar.kernels.reference.modulated_norm`).
 
 CPU: the Triton interpreter in fp32 at small shapes. With a GPU and compiled Triton
 (TRITON_INTERPRET=0) the same tests run on the GPU, plus bf16/fp16 parity.
 """
+import dataclasses
+
 import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from storage import LAYOUTS, in_storage
 
-from nitro_ar import layers
 from nitro_ar.kernels import modulated_norm as mn
+from nitro_ar.kernels import reference, tuning_problems
 from nitro_ar.kernels.backend import interpreter_requested, select_backend
+from nitro_ar.kernels.errors import KernelInputError
 from nitro_ar.kernels.modulated_norm import AdaLNAffine, modulated_norm
 
 GPU_KERNELS = torch.cuda.is_available() and not interpreter_requested()
@@ -42,7 +47,7 @@ class Problem:
         kind, has_weight, has_bias = norm
         self.leaves = {}
         self.kwargs = dict(norm=kind, eps=eps)
-        x = self.leaf("x", self.randn(*shape))
+        self.x = x = self.leaf("x", self.randn(*shape))
         if has_weight:
             self.kwargs["weight"] = self.leaf("weight", self.randn(dim) * 0.5 + 1)
         if has_bias:
@@ -76,42 +81,38 @@ class Problem:
         return torch.randn(*size, dtype=self.dtype, device=self.device)
 
     def inputs(self):
-        return self.leaves["x"], self.kwargs
+        return self.x, self.kwargs
 
     def reference(self, dtype=None):
-        """The eager reference ops, optionally on inputs cast to ``dtype`` (same leaves)."""
-        cast = (lambda t: t) if dtype is None else (lambda t: None if t is None else t.to(dtype))
-        kw = self.kwargs
-        x = cast(self.leaves["x"])
-        ada = kw.get("adaln")
-        modulations = layers.adaln_affine(cast(ada.temb), cast(ada.bias), cast(ada.scale)) if ada else None
+        """The eager reference, optionally on inputs cast to ``dtype`` (same leaves)."""
+        cast = (lambda t: t) if dtype is None else (lambda t: t.to(dtype))
+        kwargs = {name: cast(value) if isinstance(value, torch.Tensor) else value for name, value in self.kwargs.items()}
+        if "adaln" in kwargs:
+            ada = kwargs["adaln"]
+            kwargs["adaln"] = dataclasses.replace(ada, temb=cast(ada.temb), bias=cast(ada.bias), scale=cast(ada.scale))
+        return reference.modulated_norm(cast(self.x), **kwargs)
 
-        def rows(tensor, chunk):  # broadcastable against x
-            if chunk is not None:
-                row = modulations[:, chunk]
-                return row[:, None] if x.dim() == 3 else row
-            return cast(tensor)
-
-        x_new = x
-        if "residual" in kw:
-            gate = rows(kw.get("gate"), ada.gate_chunk if ada else None)
-            x_new = x + (cast(kw["residual"]) if gate is None else gate * cast(kw["residual"]))
-        if kw["norm"] == "rms":
-            out = layers.rms_norm(x_new, cast(kw.get("weight")), kw["eps"])
+    def restore(self, name, layout):
+        """Give argument ``name`` (a kwarg, an AdaLN field or x) the same values in another
+        storage (:func:`storage.in_storage`), as a new leaf."""
+        if name == "x":
+            self.x = in_storage(self.leaf("x", self.x.detach().clone()), layout)
+        elif name in ("temb", "ada_bias", "ada_scale"):
+            field = {"temb": "temb", "ada_bias": "bias", "ada_scale": "scale"}[name]
+            ada = self.kwargs["adaln"]
+            tensor = in_storage(self.leaf(name, getattr(ada, field).detach().clone()), layout)
+            self.kwargs["adaln"] = dataclasses.replace(ada, **{field: tensor})
         else:
-            out = layers.layer_norm(x_new, cast(kw.get("weight")), cast(kw.get("bias")), kw["eps"])
-        shift = rows(kw.get("shift"), ada.shift_chunk if ada else None)
-        if shift is not None:
-            out = layers.modulate(out, shift, rows(kw.get("scale"), ada.scale_chunk if ada else None))
-        return (x_new, out) if "residual" in kw else out
+            self.kwargs[name] = in_storage(self.leaf(name, self.kwargs[name].detach().clone()), layout)
 
     def run(self, backend=KERNEL_BACKEND):
-        return modulated_norm(self.leaves["x"], backend=backend, **self.kwargs)
+        return modulated_norm(self.x, backend=backend, **self.kwargs)
 
     def grads(self, outputs, upstream):
         """Gradients of every leaf for the given upstream gradients (one per output)."""
+        # The graph is kept: storage views of a leaf (see restore) are shared by two evaluations.
         return dict(zip(self.leaves, torch.autograd.grad(as_tuple(outputs), list(self.leaves.values()), upstream,
-                                                         allow_unused=True)))
+                                                         allow_unused=True, retain_graph=True)))
 
 
 def as_tuple(outputs):
@@ -185,8 +186,7 @@ def test_strided_views_of_one_projection():
     assert x.stride(1) == 2 * dim + 8 and gate1.stride(1) == 6 * dim
     kwargs = dict(norm="rms", eps=1e-6, weight=weight, shift=shift1, scale=scale1, residual=residual, gate=gate1)
     x_new, out = modulated_norm(x, backend=KERNEL_BACKEND, **kwargs)
-    ref_new = x + gate1 * residual
-    ref_out = layers.modulate(layers.rms_norm(ref_new, weight, 1e-6), shift1, scale1)
+    ref_new, ref_out = reference.modulated_norm(x, **kwargs)
     torch.testing.assert_close(x_new, ref_new)
     torch.testing.assert_close(out, ref_out, rtol=1e-4, atol=1e-4)
     upstream = upstream_like((x_new, out))
@@ -261,7 +261,7 @@ def _run_with_config(shape, config):
     """Forward and backward of a reduced tuning problem with one config: [out, *gradients]."""
     torch.manual_seed(0)
     small = {**shape, "batch": 2, "length": 21, "dim": 96, "dtype": "float32"}
-    plan, inputs = mn._tuning_problem(small, DEVICE)
+    plan, inputs = tuning_problems.modulated_norm_problem(small, DEVICE)
     x_new, out, mean, rstd = mn.modulated_norm_forward(plan, *inputs, store_stats=True, config=config)
     grad_out, grad_x_new = torch.randn_like(out), torch.randn_like(out)
     needs = tuple(tensor is not None for tensor in inputs)
@@ -274,7 +274,7 @@ def _run_with_config(shape, config):
 @pytest.mark.parametrize("op_name", ["modulated_norm", "modulated_norm_backward"])
 def test_host_side_config_parameters(op_name, modulation):
     """Every tile size and program count of the candidate configs gives the default's result."""
-    shape = next(shape for shape in mn.tuning_shapes("all") if shape["modulation"] == modulation)
+    shape = next(shape for shape in tuning_problems.modulated_norm_shapes("all") if shape["modulation"] == modulation)
     expected = _run_with_config(shape, None)
     host_params = {tuple((key, config[key]) for key in mn._HOST_KEYS if key in config)
                    for vendor in ("cuda", "hip") for config in mn.candidate_configs(op_name, vendor)}
@@ -284,12 +284,49 @@ def test_host_side_config_parameters(op_name, modulation):
 
 
 def test_tuning_shapes_and_buckets():
-    shapes = mn.tuning_shapes("all")
-    assert shapes == mn.tuning_shapes("nitro-ar") + mn.tuning_shapes("nitro-e")
+    shapes = tuning_problems.modulated_norm_shapes("all")
+    assert shapes == tuning_problems.modulated_norm_shapes("nitro-ar") + tuning_problems.modulated_norm_shapes("nitro-e")
     buckets = {mn.tuning_bucket(shape) for shape in shapes}
     assert "d1024_r512" in buckets and all(bucket.startswith("d1024_r") for bucket in buckets)
     with pytest.raises(ValueError, match="shape set"):
-        mn.tuning_shapes("sd3")
+        tuning_problems.modulated_norm_shapes("sd3")
+
+
+# Each tensor argument, in the problem that reads it (per-token chunks, or AdaLN).
+STORAGE_ARGUMENTS = {name: dict(modulation="token", residual="token")
+                     for name in ("x", "residual", "shift", "scale", "gate", "weight", "bias")}
+STORAGE_ARGUMENTS.update({name: dict(modulation="adaln", residual="adaln") for name in ("temb", "ada_bias", "ada_scale")})
+STORAGE_ARGUMENTS["batch-shift"] = dict(modulation="batch", residual="batch")
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("name", sorted(STORAGE_ARGUMENTS))
+def test_every_argument_in_any_storage(name, layout):
+    """Every tensor argument, strided, expanded or NaN-padded: the kernels read it through its
+    strides (activations) or copy it once (parameters); forward and gradients match."""
+    problem = Problem((2, 3, 16), **STORAGE_ARGUMENTS[name])
+    problem.restore(name.replace("batch-", ""), layout)
+    assert_parity(problem)
+
+
+@pytest.mark.parametrize("name", ["x", "residual", "shift", "temb"])
+def test_activation_strided_over_d_is_a_named_error(name):
+    """Activations are read row by row with unit stride over D; any other layout is refused by name."""
+    adaln = name == "temb"
+    problem = Problem((2, 5, 48), modulation="adaln" if adaln else "token", residual="adaln" if adaln else "token")
+
+    def strided_over_d(tensor):
+        return torch.stack([tensor, tensor], dim=-1)[..., 0]
+
+    if adaln:
+        ada = problem.kwargs["adaln"]
+        problem.kwargs["adaln"] = dataclasses.replace(ada, temb=strided_over_d(ada.temb))
+    elif name == "x":
+        problem.x = strided_over_d(problem.x)
+    else:
+        problem.kwargs[name] = strided_over_d(problem.kwargs[name])
+    with pytest.raises(KernelInputError, match=f"{'adaln.temb' if adaln else name} must have unit stride"):
+        problem.run()
 
 
 def _bad_inputs():

@@ -52,8 +52,9 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
 from ..heads import HeadAttention, MLPHead, TransformerHead, TransformerHeadBlock, check_head_inputs
+from ..kernels import reference
 from ..kernels.backend import interpreter_requested, triton_available
-from ..schedules import FlowSchedule, euler_step
+from ..schedules import FlowSchedule
 from . import ops
 from .backbone import FusedLinear
 
@@ -91,10 +92,7 @@ def guided_flow_step(x: torch.Tensor, v: torch.Tensor, sigma: torch.Tensor, sigm
 
             return flow_step(x, v, sigma, sigma_next, cfg, backend=backend)
         ops.fallback_warning("flow_step", f"dtype {v.dtype}")
-    if cfg != 1.0:
-        v_uncond, v_cond = v.chunk(2)
-        v = v_uncond + cfg * (v_cond - v_uncond)
-    return euler_step(x, v, sigma, sigma_next)
+    return reference.flow_step(x, v, sigma, sigma_next, cfg)
 
 
 def _accelerate_submodules(module: nn.Module, backend: str) -> None:
