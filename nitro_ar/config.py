@@ -6,6 +6,8 @@ import json
 from dataclasses import dataclass
 from typing import Any, Dict, Optional, Tuple
 
+from .errors import ConfigError, invalid
+
 VARIANTS = ("gan", "joint_gan")
 QK_NORMS = (None, "rms_norm")
 
@@ -148,6 +150,7 @@ class NitroARConfig(_BackboneConfig):
     num_sampling_steps: int = 1000  # flow-matching training timesteps of the head
     shift: float = 1.0
     global_head: bool = True  # joint_gan: separate head for the global token
+    shortcut: bool = False  # FAR shortcut head(s): a zero-initialised step-size embedding (nitro_ar.shortcut)
     asa_pattern: Tuple[Tuple[int, int], ...] = NO_ASA
     # Default sampling of the released checkpoints.
     ar_steps: int = 20
@@ -160,6 +163,8 @@ class NitroARConfig(_BackboneConfig):
             raise ValueError(f"variant must be one of {VARIANTS}, got {self.variant!r}")
         if self.variant == "gan":
             self.global_head = False  # only the joint variant has a global-token path
+        if not isinstance(self.shortcut, bool):
+            raise invalid("shortcut", self.shortcut, "True or False", ConfigError)
         if self.variant == "joint_gan" and self.diffloss_w % 64:
             raise ValueError(f"the transformer head uses heads of 64 channels; diffloss_w={self.diffloss_w}")
         self._validate_backbone()

@@ -49,12 +49,13 @@ from .objectives import (
     mix_seed,
     official_head_init,
 )
+from .shortcut import ShortcutObjective, ShortcutSettings, draw_shortcut_step, enable_shortcut, match_config
 
 logger = logging.getLogger("nitro_ar.train")
 
 __all__ = ["TrainConfig", "ConfigError", "Trainer", "parse_config", "main"]
 
-MODES = ("pretrain", "adversarial")
+MODES = ("pretrain", "adversarial", "shortcut")
 PRECISIONS = ("auto", "no", "bf16")
 LATEST = "latest"
 STATE_NAME = "state.json"
@@ -93,7 +94,8 @@ class TrainConfig:
 
     data_dir: str = _opt("", "dataset folder written by `nitro-ar precompute` (or make_synthetic_dataset)", str)
     output_dir: str = _opt("", "where checkpoints and the log go", str)
-    mode: str = _opt("pretrain", "pretrain (masked AR flow matching) or adversarial (head fine-tuning)", str)
+    mode: str = _opt("pretrain", "pretrain (masked AR flow matching), adversarial (head fine-tuning) or shortcut "
+                     "(FAR shortcut heads; from scratch, or from a flow-matching model with init_from)", str)
     variant: Optional[str] = _opt(None, "gan or joint_gan for a new model (default gan; init_from fixes it otherwise)", str)
     model_config: Dict = _opt_factory(dict, "JSON object of NitroARConfig overrides for a new model", _parse_json_dict)
     init_from: Optional[str] = _opt(None, "checkpoint to start from (required for adversarial mode)", str)
@@ -121,6 +123,8 @@ class TrainConfig:
     logit_std: float = _opt(1.0, "std of the logit-normal timestep law", float)
     global_token_dependency: bool = _opt(False, "joint_gan: fill every masked input with the global token", _parse_bool)
     global_loss_weight: float = _opt(1.0, "joint_gan: weight of the global-token loss", float)
+    shortcut: Dict = _opt_factory(dict, "shortcut mode: JSON object of nitro_ar.shortcut.ShortcutSettings "
+                                  "(fraction, step_sizes, levels, clip)", _parse_json_dict)
     adv_head_steps: Optional[int] = _opt(None, "adversarial: head Euler steps (default: the model's, 3 gan / 6 joint_gan)", int)
     disc_learning_rate: Optional[float] = _opt(None, "adversarial: discriminator learning rate (default: learning_rate)", float)
     disc_hidden: int = _opt(256, "adversarial: width of the discriminator MLP", int)
@@ -152,6 +156,7 @@ class TrainConfig:
         need(self.learning_rate > 0, f"learning_rate must be > 0, got {self.learning_rate}")
         need(0.0 <= self.ema_rate < 1.0, f"ema_rate must be in [0, 1), got {self.ema_rate}")
         need(not (self.init_from and self.model_config), "model_config applies to a new model; init_from fixes the architecture")
+        ShortcutSettings.from_dict(self.shortcut)  # ConfigError naming a bad shortcut setting
 
     def objective_settings(self, joint: bool) -> ObjectiveSettings:
         mul = self.diffusion_batch_mul if self.diffusion_batch_mul is not None else (1 if joint else 2)
@@ -362,6 +367,9 @@ class Trainer:
         self.dataset = PairDataset(cfg.data_dir, on_bad_shard=cfg.on_bad_shard)
         resume = self._find_resume()
         self.model = self._build_model(resume)
+        self.shortcut = cfg.mode == "shortcut"
+        if self.shortcut:
+            enable_shortcut(self.model)  # FMSC from a flow-matching init_from: zero step embeddings
         self._check_data_fits()
         self.adversarial = cfg.mode == "adversarial"
         settings = cfg.objective_settings(self.model.is_joint)
@@ -394,12 +402,16 @@ class Trainer:
                 generator, self.optimizer, self.discriminator, self.disc_optimizer
             )
         else:
-            self.train_module, self.optimizer = acc.prepare(MaskedARObjective(self.model, empty, settings), self.optimizer)
+            objective = (ShortcutObjective(self.model, empty, settings, ShortcutSettings.from_dict(cfg.shortcut))
+                         if self.shortcut else MaskedARObjective(self.model, empty, settings))
+            self.train_module, self.optimizer = acc.prepare(objective, self.optimizer)
         self.trainable = trainable
         self.settings = settings
         # After prepare: the shadow lives on the training device.
-        use_ema = cfg.ema if cfg.ema is not None else (not self.adversarial and not self.model.is_joint)
+        use_ema = cfg.ema if cfg.ema is not None else (self.shortcut or (not self.adversarial and not self.model.is_joint))
         self.ema = EMA([(n, p) for n, p in self.model.named_parameters() if id(p) in ids], cfg.ema_rate) if use_ema else None
+        if self.shortcut:
+            objective.set_teacher(self.ema)  # self-consistency targets from the EMA head
 
         self.step = 0
         self.samples_consumed = 0
@@ -481,8 +493,8 @@ class Trainer:
     def _draws(self, micro: int):
         acc, cfg = self.accelerator, self.cfg
         base = micro * self.global_batch + acc.process_index * cfg.batch_size
-        draws = draw_step(self.model, self.settings, seed=cfg.seed, step=self.step,
-                          positions=range(base, base + cfg.batch_size))
+        draw = draw_shortcut_step if self.shortcut else draw_step
+        draws = draw(self.model, self.settings, seed=cfg.seed, step=self.step, positions=range(base, base + cfg.batch_size))
         return draws.to(acc.device)
 
     def _micro_batches(self, module: nn.Module) -> Iterator[Tuple[Dict[str, torch.Tensor], object, contextlib.AbstractContextManager]]:
@@ -627,7 +639,7 @@ class Trainer:
             model.save_pretrained(partial / "model")
             if self.ema is not None:
                 with torch.device("meta"):
-                    averaged = NitroAR(model.config)
+                    averaged = match_config(NitroAR(model.config))
                 averaged.load_state_dict(self.ema.state_dict_over(model.state_dict()), assign=True)
                 averaged.save_pretrained(partial / "ema")
             _save_optimizer(self.optimizer.optimizer, partial, "optimizer")
