@@ -266,7 +266,16 @@ def test_shortcut_sampling_takes_uniform_steps_of_the_embedded_size(kind):
 # --------------------------------------------------------------------------------------------
 # evidence on a toy
 # --------------------------------------------------------------------------------------------
-def test_toy_shortcut_head_beats_flow_matching_at_one_and_two_steps():
+@pytest.fixture
+def one_thread():
+    """Tiny GEMMs run fastest on one thread (and do not fight other processes for cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_toy_shortcut_head_beats_flow_matching_at_one_and_two_steps(one_thread):
     # Same head, steps and batch; sliced W2 to true samples (bench/test_bench_shortcut.py has the
     # full table at 1, 2, 4, 8 steps with a larger budget).
     result = compare(Toy(), steps=200, batch=128, width=64, samples=256, fraction=0.5, ema_rate=None,
