@@ -130,6 +130,7 @@ def infer_config(state: Dict[str, torch.Tensor]) -> Union[NitroARConfig, NitroEC
                 diffloss_w=_shape(state, "diffloss.net.input_proj.weight", 2)[0],
                 diffloss_d=depth,
                 global_head=any(k.startswith("diffloss_global.") for k in keys),
+                shortcut="diffloss.net.step_embed.mlp.0.weight" in keys,
                 **common,
             )
         dim, in_ch, patch, _ = _shape(state, "pos_embed.proj.weight", 4)
@@ -268,8 +269,14 @@ def load_model(cls, path: PathLike, config=None, *, dtype=None, device=None, var
         raise TypeError(f"config must be a {cls.config_class.__name__}, got {type(config).__name__}")
     if variant is not None and getattr(config, "variant", variant) != variant:
         raise CheckpointError(f"variant {variant!r} requested but the config is for {config.variant!r}")
+    from .shortcut import complete_step_embeddings, match_config
+
     with torch.device("meta"):
         model = cls(config)
+        if model_type == "nitro_ar":
+            match_config(model)
+    # A shortcut model takes a flow-matching (official) checkpoint: zero step embeddings.
+    state = complete_step_embeddings(model, state) if model_type == "nitro_ar" else state
     check_state_dict(model, state, source=str(file))
     if dtype is None:
         dtype = next(iter(state.values())).dtype
@@ -284,6 +291,10 @@ def save_model(model: nn.Module, directory: PathLike, *, official_file: Optional
     ``official_file``, as one official-layout safetensors file. Returns the path written."""
     state = model.state_dict()
     if official_file is not None:
+        if model.config.model_type == "nitro_ar":
+            from .shortcut import official_state_dict
+
+            state = official_state_dict(model, state)  # refuses a trained step embedding
         write_safetensors_atomic(state, official_file)
         return Path(official_file)
     directory = Path(directory)

@@ -10,6 +10,8 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 
 from .errors import ConfigError, invalid
 
+from .errors import ConfigError, invalid
+
 VARIANTS = ("gan", "joint_gan")
 QK_NORMS = (None, "rms_norm")
 
@@ -189,6 +191,7 @@ class NitroARConfig(_BackboneConfig):
     num_sampling_steps: int = 1000  # flow-matching training timesteps of the head
     shift: float = 1.0
     global_head: bool = True  # joint_gan: separate head for the global token
+    shortcut: bool = False  # FAR shortcut head(s): a zero-initialised step-size embedding (nitro_ar.shortcut)
     asa_pattern: Tuple[Tuple[int, int], ...] = NO_ASA
     # Default sampling of the released checkpoints.
     ar_steps: int = 20
@@ -202,6 +205,8 @@ class NitroARConfig(_BackboneConfig):
         self._validate_backbone()
         if self.variant == "gan":
             self.global_head = False  # only the joint variant has a global-token path
+        if not isinstance(self.shortcut, bool):
+            raise invalid("shortcut", self.shortcut, "True or False", ConfigError)
         if self.variant == "joint_gan" and self.diffloss_w % 64:
             raise invalid("diffloss_w", self.diffloss_w, "a multiple of 64 (the transformer head's 64-channel heads)",
                           ConfigError)

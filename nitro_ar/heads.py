@@ -4,6 +4,11 @@
 ``TransformerHead`` is the ``joint_gan`` variant's joint-sampling head (official
 ``SimpleTransformerAdaLN``). Both predict the velocity ``noise - x0`` given the noisy token
 ``x``, the raw timestep ``t`` in (0, 1000] and the backbone condition ``c``.
+
+Built with ``shortcut=True``, a head also embeds the step size ``dt`` it is asked to take (FAR's
+shortcut head, Hang et al. 2025): ``step_embed`` (sinusoidal features + MLP, as the time
+embedding, its last layer zero-initialised) joins the step-invariant part of the condition,
+so until trained the head computes exactly the official function for every ``dt``.
 """
 from __future__ import annotations
 
@@ -16,7 +21,28 @@ from torch import nn
 from .layers import RMSNorm, TimestepEmbedder, modulate, sincos_pos_table
 from .schedules import FlowSchedule, euler_step, head_schedule
 
-__all__ = ["MLPHead", "TransformerHead", "FlowHead", "sample_head", "euler_sample"]
+__all__ = ["MLPHead", "TransformerHead", "FlowHead", "sample_head", "euler_sample", "step_embedder", "embed_step_size"]
+
+
+def step_embedder(width: int) -> TimestepEmbedder:
+    """The shortcut head's step-size embedding: a TimestepEmbedder whose last Linear is zero,
+    so it adds exactly 0 until trained (keys ``step_embed.mlp.{0,2}.{weight,bias}``)."""
+    embed = TimestepEmbedder(width)
+    nn.init.zeros_(embed.mlp[2].weight)
+    nn.init.zeros_(embed.mlp[2].bias)
+    return embed
+
+
+def embed_step_size(step_embed: Optional[nn.Module], dt: Optional[torch.Tensor], like: torch.Tensor) -> Optional[torch.Tensor]:
+    """``step_embed(dt)`` in ``like``'s dtype: (1, W) for a 0-dim ``dt`` (one step size for every
+    row: embedded once), (N, W) for ``dt`` (N,); None for a head without step embedding.
+
+    dt: step size in the units of the timesteps (T * d, T = 1000 training timesteps); None is
+    d = 0, the flow-matching field (what the official samplers, which pass no step size, get)."""
+    if step_embed is None:
+        return None
+    dt = torch.as_tensor(0.0 if dt is None else dt, dtype=torch.float32, device=like.device).reshape(-1)
+    return step_embed(dt, like.dtype).to(like.dtype)
 
 
 # --------------------------------------------------------------------------------------------
@@ -60,7 +86,7 @@ class FinalLayer(nn.Module):
 class MLPHead(nn.Module):
     """Per-token velocity MLP: x (N, C), t (N,), c (N, Dz) -> v (N, C)."""
 
-    def __init__(self, in_channels: int, width: int, depth: int, z_channels: int):
+    def __init__(self, in_channels: int, width: int, depth: int, z_channels: int, shortcut: bool = False):
         super().__init__()
         self.in_channels = in_channels
         self.time_embed = TimestepEmbedder(width)
@@ -68,14 +94,20 @@ class MLPHead(nn.Module):
         self.input_proj = nn.Linear(in_channels, width)
         self.res_blocks = nn.ModuleList(MLPResBlock(width) for _ in range(depth))
         self.final_layer = FinalLayer(width, in_channels, rms=False)
+        self.step_embed = step_embedder(width) if shortcut else None
 
-    def condition(self, t: torch.Tensor, c: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """y = time_embed(t) + cond_embed(c): (N, W)."""
-        return self.time_embed(t, dtype=dtype) + self.cond_embed(c)
+    def condition(self, t: torch.Tensor, c: torch.Tensor, dtype: torch.dtype, dt: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """y = time_embed(t) + cond_embed(c), or time_embed(t) + (cond_embed(c) + step_embed(dt))
+        for a shortcut head given a step size ``dt`` (0-dim or (N,)): (N, W)."""
+        cond = self.cond_embed(c)
+        step = embed_step_size(self.step_embed, dt, cond)
+        if step is not None:
+            cond = cond + step
+        return self.time_embed(t, dtype=dtype) + cond
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, c: torch.Tensor, dt: Optional[torch.Tensor] = None) -> torch.Tensor:
         h = self.input_proj(x)
-        y = self.condition(t, c, h.dtype)
+        y = self.condition(t, c, h.dtype, dt)
         for block in self.res_blocks:
             h = block(h, y)
         return self.final_layer(h, y)
@@ -146,7 +178,7 @@ class TransformerHead(nn.Module):
     (the global token, no position table). Heads of 64 channels.
     """
 
-    def __init__(self, in_channels: int, width: int, depth: int, z_channels: int, grid: int = 16):
+    def __init__(self, in_channels: int, width: int, depth: int, z_channels: int, grid: int = 16, shortcut: bool = False):
         super().__init__()
         self.in_channels = in_channels
         self.time_embed = TimestepEmbedder(width)
@@ -158,6 +190,7 @@ class TransformerHead(nn.Module):
         self.final_layer = FinalLayer(width, in_channels, rms=True)
         self.grid = grid
         self.register_buffer("pos_embed_lv0", self.position_table(), persistent=False)
+        self.step_embed = step_embedder(width) if shortcut else None
 
     def position_table(self, device: Optional[torch.device] = None) -> torch.Tensor:
         """(1, grid^2, W) float32; the official head fixes base size 16, interpolation 1."""
@@ -167,18 +200,25 @@ class TransformerHead(nn.Module):
         """Recompute the (non-persistent) position table, e.g. after a meta-device load."""
         self.pos_embed_lv0 = self.position_table(device).to(dtype)
 
-    def condition(self, t: torch.Tensor, c: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """RMSNorm_t(t_emb) + RMSNorm_c(cond_embed(c)): (B, L, W)."""
+    def condition(self, t: torch.Tensor, c: torch.Tensor, dtype: torch.dtype, dt: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """RMSNorm_t(t_emb) + RMSNorm_c(cond_embed(c)), or RMSNorm_t(t_emb) + (RMSNorm_c(cond_embed(c))
+        + step_embed(dt)) for a shortcut head given a step size ``dt`` (0-dim or (B,)): (B, L, W).
+        The step embedding stays outside the norms (an RMSNorm of a zero-initialised vector
+        would have ~1/sqrt(eps) gradients)."""
         t_emb = self.time_embed(t, dtype).unsqueeze(1)
-        return self.t_norm(t_emb) + self.c_norm(self.cond_embed(c))
+        cond = self.c_norm(self.cond_embed(c))
+        step = embed_step_size(self.step_embed, dt, cond)
+        if step is not None:
+            cond = cond + step.unsqueeze(1)
+        return self.t_norm(t_emb) + cond
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, c: torch.Tensor, dt: Optional[torch.Tensor] = None) -> torch.Tensor:
         h = self.input_proj(x)
         if h.shape[1] > 1:
             if h.shape[1] != self.pos_embed_lv0.shape[1]:
                 raise ValueError(f"transformer head takes {self.pos_embed_lv0.shape[1]} tokens or 1, got {h.shape[1]}")
             h = h + self.pos_embed_lv0
-        y = self.condition(t, c, h.dtype)
+        y = self.condition(t, c, h.dtype, dt)
         for block in self.res_blocks:
             h = block(h, y)
         return self.final_layer(h, y)

@@ -1,4 +1,5 @@
-"""Sampling schedules: flow-matching Euler timesteps, the MAR masking schedule, DiSA, CFG.
+"""Sampling schedules: flow-matching Euler timesteps, the MAR masking schedule, DiSA, CFG, and
+the shortcut head's uniform steps.
 
 The flow-matching rule reproduces diffusers' ``FlowMatchEulerDiscreteScheduler`` (the official
 code's scheduler) in the same precisions (numpy float64 spacing, float32 sigmas), so timesteps
@@ -8,12 +9,14 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 from dataclasses import dataclass
 from typing import List, Sequence, Tuple
 
 import numpy as np
 import torch
 
+from .errors import invalid
 from .kernels import reference
 
 __all__ = [
@@ -22,6 +25,9 @@ __all__ = [
     "head_schedule",
     "mar_mask_len",
     "step_head_counts",
+    "HEAD_STEP_SCHEDULES",
+    "ShortcutSchedule",
+    "shortcut_schedule",
     "cfg_for_step",
     "euler_step",
 ]
@@ -109,36 +115,101 @@ def mar_mask_len(step: int, num_steps: int, seq_len: int, still_masked: int) -> 
     return int(max(1.0, min(float(still_masked - 1), mask_len)))
 
 
-def step_head_counts(ar_steps: int, head_steps, schedule: str = "constant", end_steps: int = None) -> List[int]:
-    """Head (Euler) steps for each AR step: DiSA step annealing.
+HEAD_STEP_SCHEDULES = ("constant", "linear", "cosine", "two-stage")
+HEAD_STEP_ROUNDINGS = ("floor", "nearest")
+
+
+def _step_count(name: str, value) -> int:
+    """``value`` as a head step count: an integer >= 1 (bools, strings and floats refused)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise invalid(name, value, "an integer >= 1")
+    return int(value)
+
+
+def step_head_counts(
+    ar_steps: int, head_steps, schedule: str = "constant", end_steps: int = None, rounding: str = "floor"
+) -> List[int]:
+    """Head (Euler) steps for each AR step: DiSA step annealing, as its published code computes it.
+
+    Step k of K AR steps gets ``end + floor((start - end) * f(k))`` head steps (DiSA,
+    ``MAR_DiSA/models/diffloss.py``, with U = K - 1): linear ``f = (U - k) / U``, cosine
+    ``f = (cos(pi k / U) + 1) / 2``; two-stage gives ``start`` while ``k < U / 2``, then ``end``.
+    K = 20, 3 -> 1 linear: [3, 2 x 9, 1 x 10].
 
     Args:
-        head_steps: the count at the first AR step (or a sequence of per-step counts, returned as is).
-        schedule: "constant"; or, falling from ``head_steps`` to ``end_steps`` over the AR steps,
-            "linear", "cosine" (half-cosine), "two-stage" (first half ``head_steps``, then
-            ``end_steps``). DiSA (Zhao et al. 2025) uses e.g. 20 -> 5.
+        ar_steps: K, an integer >= 1 (K = 1 gives ``[start]``).
+        head_steps: the count at the first AR step, an integer >= 1; or a sequence of K such
+            integers, returned as a list.
+        schedule: "constant" (``head_steps`` at every step; DiSA's "constant" is its lower
+            count instead), or "linear", "cosine", "two-stage" from ``head_steps`` down to
+            ``end_steps`` (DiSA uses e.g. 50 -> 5, the Nitro-AR post 20 -> 5).
+        end_steps: the count at the last AR step (integer >= 1), for the annealed schedules.
+        rounding: "floor" (DiSA's published code) or "nearest" (this package before it
+            followed the published code: ``round`` for linear / cosine, and two-stage switching
+            at ``k < (K + 1) // 2``).
+    Raises:
+        InvalidArgumentError naming the argument.
     """
-    if isinstance(head_steps, Sequence):
-        counts = [int(c) for c in head_steps]
+    ar_steps = _step_count("ar_steps", ar_steps)
+    if schedule not in HEAD_STEP_SCHEDULES:
+        raise invalid("head_steps_schedule", schedule, f"one of {HEAD_STEP_SCHEDULES}")
+    if rounding not in HEAD_STEP_ROUNDINGS:
+        raise invalid("rounding", rounding, f"one of {HEAD_STEP_ROUNDINGS}")
+    if isinstance(head_steps, (list, tuple)):
+        counts = [_step_count(f"head_steps[{i}]", c) for i, c in enumerate(head_steps)]
         if len(counts) != ar_steps:
-            raise ValueError(f"{len(counts)} head step counts given for {ar_steps} AR steps")
-    elif schedule == "constant":
-        counts = [int(head_steps)] * ar_steps
-    else:
-        if end_steps is None:
-            raise ValueError(f"schedule {schedule!r} needs end_steps")
-        start, end, span = float(head_steps), float(end_steps), max(ar_steps - 1, 1)
+            raise invalid("head_steps", head_steps, f"one integer >= 1 per AR step ({ar_steps} of them)")
+        return counts
+    start = _step_count("head_steps", head_steps)
+    if schedule == "constant":
+        return [start] * ar_steps
+    if end_steps is None:
+        raise invalid("head_steps_end", end_steps, f"an integer >= 1 (schedule {schedule!r} anneals down to it)")
+    end = _step_count("head_steps_end", end_steps)
+    span = max(ar_steps - 1, 1)
+    if schedule == "two-stage":
+        switch = (lambda k: k < (ar_steps + 1) // 2) if rounding == "nearest" else (lambda k: k < span / 2)
+        return [start if switch(k) else end for k in range(ar_steps)]
+    if rounding == "nearest":  # the former formulas, verbatim (same ties)
         if schedule == "linear":
-            counts = [round(start + (end - start) * k / span) for k in range(ar_steps)]
-        elif schedule == "cosine":
-            counts = [round(end + (start - end) * (1 + math.cos(math.pi * k / span)) / 2) for k in range(ar_steps)]
-        elif schedule == "two-stage":
-            counts = [int(start) if k < (ar_steps + 1) // 2 else int(end) for k in range(ar_steps)]
-        else:
-            raise ValueError(f"unknown head step schedule {schedule!r}")
-    if min(counts) < 1:
-        raise ValueError(f"head step counts must be >= 1, got {counts}")
-    return counts
+            return [round(start + (end - start) * k / span) for k in range(ar_steps)]
+        return [round(end + (start - end) * (1 + math.cos(math.pi * k / span)) / 2) for k in range(ar_steps)]
+    # DiSA's float expressions, in its order of operations, floored.
+    if schedule == "linear":
+        fractions = [(span - k) / span * (start - end) for k in range(ar_steps)]
+    else:
+        fractions = [(math.cos(math.pi * k / span) + 1) / 2 * (start - end) for k in range(ar_steps)]
+    return [end + math.floor(f) for f in fractions]
+
+
+@dataclass(frozen=True)
+class ShortcutSchedule(FlowSchedule):
+    """Euler steps of a shortcut head (FAR, Hang et al. 2025): N uniform steps of size d.
+
+    ``sigmas[i] = 1 - i / N`` (float32, from 1 to exactly 0), ``timesteps = sigmas[:-1] * T``
+    (float32, not truncated), and ``step_size`` (0-dim float32) = ``T * d``, the step size in the
+    units of the timesteps that the head's step embedding is given: d = 1 / N for N <= 16 and
+    d = 0 (the flow-matching field) above, as FAR samples. T = the training timesteps (1000).
+    The Euler update is the ordinary one (:func:`euler_step`): ``x += (sigma' - sigma) v``.
+    """
+
+    step_size: torch.Tensor = None
+
+
+SHORTCUT_MAX_STEPS = 16  # FAR App. B: d = 1/N up to 16 steps, d = 0 (flow matching) above
+
+
+@functools.lru_cache(maxsize=128)
+def shortcut_schedule(num_steps: int, *, num_train_timesteps: int = 1000) -> ShortcutSchedule:
+    """The shortcut sampler's schedule for ``num_steps`` head steps (cached: read-only tensors)."""
+    num_steps = _step_count("head_steps", num_steps)
+    sigmas = torch.from_numpy(1.0 - np.arange(num_steps + 1, dtype=np.float64) / num_steps).to(torch.float32)
+    d = 1.0 / num_steps if num_steps <= SHORTCUT_MAX_STEPS else 0.0
+    return ShortcutSchedule(
+        timesteps=sigmas[:-1] * num_train_timesteps,
+        sigmas=sigmas,
+        step_size=torch.tensor(d * num_train_timesteps, dtype=torch.float32),
+    )
 
 
 def cfg_for_step(cfg: float, schedule: str, seq_len: int, mask_len: int) -> float:

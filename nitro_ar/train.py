@@ -58,12 +58,13 @@ from .objectives import (
     mix_seed,
     official_head_init,
 )
+from .shortcut import ShortcutObjective, ShortcutSettings, draw_shortcut_step, enable_shortcut, match_config
 
 logger = logging.getLogger("nitro_ar.train")
 
 __all__ = ["TrainConfig", "ConfigError", "TrainingError", "Trainer", "parse_config", "main"]
 
-MODES = ("pretrain", "adversarial")
+MODES = ("pretrain", "adversarial", "shortcut")
 PRECISIONS = ("auto", "no", "bf16")
 LATEST = "latest"
 STATE_NAME = "state.json"
@@ -105,7 +106,8 @@ class TrainConfig:
 
     data_dir: str = _opt("", "dataset folder written by `nitro-ar precompute` (or make_synthetic_dataset)", str)
     output_dir: str = _opt("", "where checkpoints and the log go", str)
-    mode: str = _opt("pretrain", "pretrain (masked AR flow matching) or adversarial (head fine-tuning)", str)
+    mode: str = _opt("pretrain", "pretrain (masked AR flow matching), adversarial (head fine-tuning) or shortcut "
+                     "(FAR shortcut heads; from scratch, or from a flow-matching model with init_from)", str)
     variant: Optional[str] = _opt(None, "gan or joint_gan for a new model (default gan; init_from fixes it otherwise)", str)
     model_config: Dict = _opt_factory(dict, "JSON object of NitroARConfig overrides for a new model", _parse_json_dict)
     init_from: Optional[str] = _opt(None, "checkpoint to start from (required for adversarial mode)", str)
@@ -133,6 +135,8 @@ class TrainConfig:
     logit_std: float = _opt(1.0, "std of the logit-normal timestep law", float)
     global_token_dependency: bool = _opt(False, "joint_gan: fill every masked input with the global token", _parse_bool)
     global_loss_weight: float = _opt(1.0, "joint_gan: weight of the global-token loss", float)
+    shortcut: Dict = _opt_factory(dict, "shortcut mode: JSON object of nitro_ar.shortcut.ShortcutSettings "
+                                  "(fraction, step_sizes, levels, clip)", _parse_json_dict)
     adv_head_steps: Optional[int] = _opt(None, "adversarial: head Euler steps (default: the model's, 3 gan / 6 joint_gan)", int)
     disc_learning_rate: Optional[float] = _opt(None, "adversarial: discriminator learning rate (default: learning_rate)", float)
     disc_hidden: int = _opt(256, "adversarial: width of the discriminator MLP", int)
@@ -169,6 +173,7 @@ class TrainConfig:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             need(not (isinstance(value, float) and not math.isfinite(value)), f"{f.name} must be a finite number, got {value}")
+        ShortcutSettings.from_dict(self.shortcut)  # ConfigError naming a bad shortcut setting
 
     def objective_settings(self, joint: bool) -> ObjectiveSettings:
         mul = self.diffusion_batch_mul if self.diffusion_batch_mul is not None else (1 if joint else 2)
@@ -404,6 +409,9 @@ class Trainer:
         self.dataset = PairDataset(cfg.data_dir, on_bad_shard=cfg.on_bad_shard)
         resume = self._find_resume()
         self.model = self._build_model(resume)
+        self.shortcut = cfg.mode == "shortcut"
+        if self.shortcut:
+            enable_shortcut(self.model)  # FMSC from a flow-matching init_from: zero step embeddings
         self._check_data_fits()
         self.adversarial = cfg.mode == "adversarial"
         settings = cfg.objective_settings(self.model.is_joint)
@@ -412,6 +420,9 @@ class Trainer:
         # On the training device first: the fast path picks its backend from the weights' device.
         self.model.to(acc.device)
         fast = cfg.fast if cfg.fast is not None else torch.cuda.is_available()
+        if fast and self.shortcut:  # nitro_ar.fast's heads take no step size yet
+            logger.warning("shortcut mode trains on the eager reference: the nitro_ar.fast heads take no step size")
+            fast = False
         self.model, self.fast_active = _apply_fast(self.model, fast)
         if self.adversarial:
             trainable = freeze_all_but_head(self.model)
@@ -436,12 +447,16 @@ class Trainer:
                 generator, self.optimizer, self.discriminator, self.disc_optimizer
             )
         else:
-            self.train_module, self.optimizer = acc.prepare(MaskedARObjective(self.model, empty, settings), self.optimizer)
+            objective = (ShortcutObjective(self.model, empty, settings, ShortcutSettings.from_dict(cfg.shortcut))
+                         if self.shortcut else MaskedARObjective(self.model, empty, settings))
+            self.train_module, self.optimizer = acc.prepare(objective, self.optimizer)
         self.trainable = trainable
         self.settings = settings
         # After prepare: the shadow lives on the training device.
-        use_ema = cfg.ema if cfg.ema is not None else (not self.adversarial and not self.model.is_joint)
+        use_ema = cfg.ema if cfg.ema is not None else (self.shortcut or (not self.adversarial and not self.model.is_joint))
         self.ema = EMA([(n, p) for n, p in self.model.named_parameters() if id(p) in ids], cfg.ema_rate) if use_ema else None
+        if self.shortcut:
+            objective.set_teacher(self.ema)  # self-consistency targets from the EMA head
 
         self.step = 0
         self.samples_consumed = 0
@@ -578,8 +593,8 @@ class Trainer:
     def _draws(self, micro: int):
         acc, cfg = self.accelerator, self.cfg
         base = micro * self.global_batch + acc.process_index * cfg.batch_size
-        draws = draw_step(self.model, self.settings, seed=cfg.seed, step=self.step,
-                          positions=range(base, base + cfg.batch_size))
+        draw = draw_shortcut_step if self.shortcut else draw_step
+        draws = draw(self.model, self.settings, seed=cfg.seed, step=self.step, positions=range(base, base + cfg.batch_size))
         return draws.to(acc.device)
 
     def _micro_batches(self, module: nn.Module) -> Iterator[Tuple[Dict[str, torch.Tensor], object, contextlib.AbstractContextManager]]:
@@ -770,7 +785,7 @@ class Trainer:
             model.save_pretrained(partial / "model")
             if self.ema is not None:
                 with torch.device("meta"):
-                    averaged = NitroAR(model.config)
+                    averaged = match_config(NitroAR(model.config))
                 averaged.load_state_dict(self.ema.state_dict_over(model.state_dict()), assign=True)
                 averaged.save_pretrained(partial / "ema")
             _save_optimizer(self.optimizer.optimizer, partial, "optimizer")
