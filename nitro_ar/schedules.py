@@ -11,7 +11,7 @@ import functools
 import math
 import numbers
 from dataclasses import dataclass
-from typing import List, Sequence, Tuple
+from typing import List, Tuple
 
 import numpy as np
 import torch

@@ -155,6 +155,20 @@ def test_consistency_targets_follow_our_sigma_convention(step_sizes):
     assert errors.max() < 1e-8
 
 
+def test_teacher_parameters_give_the_targets():
+    head = randomize_(make_head("mlp", shortcut=True), seed=4, scale=0.1)
+    g = torch.Generator().manual_seed(5)
+    x0, noise, c = torch.randn(64, 8, generator=g), torch.randn(64, 8, generator=g), torch.randn(64, 24, generator=g)
+    sigmas, uniforms = torch.rand(64, generator=g) * 0.9 + 0.05, torch.rand(64, 3, generator=g)
+    args = (head, x0, noise, c, sigmas, sigmas * 1000, uniforms, ShortcutSettings(fraction=0.5))
+    online = shortcut_errors(*args)
+    own = {name: p.detach().clone() for name, p in head.named_parameters()}
+    assert torch.equal(shortcut_errors(*args, teacher=own), online)  # an EMA equal to the weights: the same targets
+    other = {**own, "final_layer.linear.bias": own["final_layer.linear.bias"] + 1.0}
+    changed = shortcut_errors(*args, teacher=other) != online
+    assert changed.any(dim=1).sum() == (uniforms[:, 0] < 0.5).sum()  # exactly the self-consistency rows change
+
+
 def test_consistency_step_sizes_are_the_shortcut_models_levels():
     u = torch.rand(4096, 3, generator=torch.Generator().manual_seed(1))
     s, d, half, teacher_dt = consistency_steps(u, ShortcutSettings())
