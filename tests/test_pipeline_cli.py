@@ -40,7 +40,7 @@ def test_ar_pipeline_deterministic_images(components):
     assert a.images[0].size == (512, 512) and torch.equal(a.latents, b.latents)
     assert a.images[0].tobytes() == b.images[0].tobytes()
     latent_only = pipe(["a red fox", "the owl"], seed=3, ar_steps=2, output_type="latent")
-    assert latent_only.images == [] and latent_only.latents.shape == (2, 32, 16, 16)
+    assert latent_only.images is latent_only.latents and latent_only.latents.shape == (2, 32, 16, 16)
 
 
 def test_e_pipeline_without_vae_returns_latents(components):
