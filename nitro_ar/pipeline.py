@@ -54,6 +54,8 @@ def _as_prompts(name: str, value: Union[str, Sequence[str]]) -> List[str]:
 class _Pipeline:
     model_class = None
     default_repo: str = ""
+    # Whether a list of per-image generators still runs as one batch (else one call per image).
+    per_image_generators_batched = False
 
     def __init__(self, model, text_encoder: TextEncoder, codec: Optional[LatentCodec] = None):
         self.model, self.text_encoder, self.codec = model, text_encoder, codec
@@ -259,6 +261,7 @@ class NitroARPipeline(_Pipeline):
 
     model_class = NitroAR
     default_repo = "amd/Nitro-AR"
+    per_image_generators_batched = False
 
     def _total_steps(self, generate_kwargs: dict) -> int:
         steps = generate_kwargs.get("ar_steps")
@@ -282,6 +285,7 @@ class NitroEPipeline(_Pipeline):
 
     model_class = NitroE
     default_repo = "amd/Nitro-E"
+    per_image_generators_batched = True
 
     def _total_steps(self, generate_kwargs: dict) -> int:
         steps = generate_kwargs.get("steps")
