@@ -48,29 +48,46 @@ _MAX_LISTED = 12
 PathLike = Union[str, os.PathLike]
 
 
+# safetensors' dtype names of the floating-point dtypes a checkpoint may be cast to.
+_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64"}
+
+
 def read_state_dict(
     path: PathLike, device: Union[str, torch.device] = "cpu", dtype: Optional[torch.dtype] = None
 ) -> Dict[str, torch.Tensor]:
     """Read every tensor of a safetensors file. Raises CheckpointError for a missing or
     non-safetensors file (the header is validated before any tensor is read).
 
-    Tensors are read one at a time and each is cast to ``dtype`` (floating-point tensors only;
-    ``None`` keeps the stored dtype) and moved to ``device`` as soon as it is read, so a load in
-    another dtype or onto a GPU holds one model in host memory plus one tensor, never two copies.
+    Floating-point tensors are cast to ``dtype`` (``None``: as stored) and moved to ``device``.
+    Without a cast or a move the tensors stay memory-mapped (read lazily, as safetensors does);
+    with one, tensors are read, converted and released one at a time, each through its own
+    short-lived mapping, so host memory peaks at about the converted model plus one tensor,
+    never the file and the model together.
     """
     from safetensors import SafetensorError, safe_open
 
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint file not found: {path}")
+    device = torch.device(device)
     try:
-        state = {}
         with safe_open(str(path), framework="pt", device="cpu") as handle:
-            for key in handle.keys():
+            keys = list(handle.keys())
+            stored = {key: handle.get_slice(key).get_dtype() for key in keys}
+            target = _SAFETENSORS_DTYPES.get(dtype, "?") if dtype is not None else None
+            convert = device.type != "cpu" or (target is not None and any(
+                name != target for name in stored.values() if name.startswith(("F", "BF"))))
+            if not convert:
+                return {key: handle.get_tensor(key) for key in keys}
+        state = {}
+        for key in keys:
+            # A mapping per tensor: the pages read are released with it (one mapping for the
+            # whole loop would keep every page of the file resident until the end).
+            with safe_open(str(path), framework="pt", device="cpu") as handle:
                 tensor = handle.get_tensor(key)
-                cast = dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype
-                state[key] = tensor.to(device=device, dtype=cast)
-                del tensor
+            cast = dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype
+            state[key] = tensor.to(device=device, dtype=cast, copy=True)
+            del tensor
         return state
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
         raise CheckpointError(f"{path} is not a readable safetensors file ({err})") from err

@@ -85,16 +85,19 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     gen = sub.add_parser("generate", help="prompts -> PNG files (or latents), batched, resumable, sharded over processes")
-    gen.add_argument("--model", default="amd/Nitro-AR", help="Hub repo (default amd/Nitro-AR; amd/Nitro-E), official .safetensors, a folder of them, or a saved model folder")
+    gen.add_argument("--model", default="amd/Nitro-AR",
+                     help="Hub repo (default amd/Nitro-AR; amd/Nitro-E), official .safetensors, a folder of them, or a saved model folder")
     gen.add_argument("--variant", choices=["gan", "joint_gan"], help="Nitro-AR variant (default on the Hub: gan)")
     gen.add_argument("--filename", help="weights file inside --model's folder or repo (e.g. Nitro-E-512px-dist.safetensors)")
     gen.add_argument("--revision", help="branch, tag or commit of --model's Hub repo")
     gen.add_argument("--text-encoder", default="meta-llama/Llama-3.2-1B", help="Llama-3.2-1B: Hub repo (default; gated) or local folder")
-    gen.add_argument("--vae", default="mit-han-lab/dc-ae-f32c32-sana-1.0-diffusers", help="DC-AE f32c32 (diffusers format): Hub repo (default) or local folder")
+    gen.add_argument("--vae", default="mit-han-lab/dc-ae-f32c32-sana-1.0-diffusers",
+                     help="DC-AE f32c32 (diffusers format): Hub repo (default) or local folder")
     gen.add_argument("--cache-dir", help="Hugging Face Hub cache (default HF_HUB_CACHE)")
     gen.add_argument("--local-files-only", action="store_true", help="never download: read the Hub cache only (also HF_HUB_OFFLINE=1)")
     gen.add_argument("--prompt", action="append", help="a prompt (repeatable)")
-    gen.add_argument("--prompts-file", help="text file (one prompt per line) or JSONL ({\"prompt\": ...} per line, e.g. GenEval's evaluation_metadata.jsonl)")
+    gen.add_argument("--prompts-file",
+                     help="text file (one prompt per line) or JSONL ({\"prompt\": ...} per line, e.g. GenEval's evaluation_metadata.jsonl)")
     gen.add_argument("--negative-prompt", help="unconditional prompt of guidance (default: the empty prompt, as officially)")
     gen.add_argument("--images-per-prompt", type=int, default=1, help="images per prompt (GenEval: 4)")
     gen.add_argument("--batch-size", type=int, default=1, help="images per forward pass (Nitro-AR: part of what an image depends on)")

@@ -33,7 +33,8 @@ def _load(what: str, folder, load):
     try:
         return load()
     except (OSError, ValueError, KeyError, TypeError) as err:
-        raise CheckpointError(f"the {what} at {folder} cannot be loaded ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from err
+        first_line = (str(err).strip().splitlines() or [""])[0]
+        raise CheckpointError(f"the {what} at {folder} cannot be loaded ({type(err).__name__}: {first_line})") from err
 
 
 class TextEncoder:

@@ -19,7 +19,8 @@ Outputs (``layout``):
   ``OUT/<prompt:05d>/metadata.jsonl`` (that prompt's line) + ``OUT/<prompt:05d>/samples/<image:04d>.png``.
 
 ``output_type="latent"`` writes ``.safetensors`` files (tensor ``latents``, (32, 16, 16)
-scaled latents, float32) instead of PNGs and needs no DC-AE. Every file is written atomically;
+scaled latents, float32; metadata ``nitro_ar_generation``: JSON of prompt, indices and seed)
+instead of PNGs and needs no DC-AE. Every file is written atomically;
 existing outputs are skipped, so re-running the same command resumes. ``OUT/generation.json``
 records the settings; a folder made with other settings is refused.
 """
@@ -245,8 +246,10 @@ def generate_to_folder(
                     meta_file.parent.mkdir(parents=True, exist_ok=True)
                     write_text_atomic(json.dumps(metas[p]) + "\n", meta_file)
             if output_type == "latent":
-                info = {"prompt": metas[p]["prompt"], "prompt_index": str(p), "image_index": str(i), "seed": str(seed)}
-                write_safetensors_atomic({"latents": result.latents[k].float()}, files[k], metadata=info)
+                # One metadata entry: safetensors orders several in a per-process random order,
+                # and the files must be byte-identical whichever process writes them.
+                info = json.dumps({"prompt": metas[p]["prompt"], "prompt_index": p, "image_index": i, "seed": seed}, sort_keys=True)
+                write_safetensors_atomic({"latents": result.latents[k].float()}, files[k], metadata={"nitro_ar_generation": info})
             else:
                 image = result.images[k]
                 _write_atomic(files[k], lambda tmp, image=image: image.save(tmp, format="PNG"))

@@ -33,7 +33,9 @@ _TRUE = {"1", "on", "yes", "true"}
 # What each component needs from its repository (never the pickled `original/` weights of
 # Llama, nor `.bin` files: weights are read as safetensors only).
 TEXT_ENCODER_FILES = ("config.json", "model*.safetensors", "model.safetensors.index.json", "tokenizer*", "special_tokens_map.json")
-TEXT_ENCODER_REQUIRED: Required = ("config.json", ("model.safetensors", "model.safetensors.index.json"), ("tokenizer.json", "tokenizer.model"))
+TEXT_ENCODER_REQUIRED: Required = (
+    "config.json", ("model.safetensors", "model.safetensors.index.json"), ("tokenizer.json", "tokenizer.model"),
+)
 VAE_FILES = ("config.json", "diffusion_pytorch_model*.safetensors", "diffusion_pytorch_model.safetensors.index.json")
 VAE_REQUIRED: Required = ("config.json", ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.safetensors.index.json"))
 
@@ -142,8 +144,7 @@ def resolve(
         raise CheckpointError(f"no {what} at {local} (not an existing file or folder, nor a Hub repository id org/name)")
     repo_id = os.fspath(path_or_repo_id)
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HFValidationError, HfHubHTTPError, LocalEntryNotFoundError
-    from requests.exceptions import RequestException
+    from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntryNotFoundError
 
     offline = bool(local_files_only) or offline_mode()
     try:
@@ -151,7 +152,8 @@ def resolve(
             repo_id, revision=revision, cache_dir=None if cache_dir is None else os.fspath(cache_dir), token=token,
             local_files_only=offline, allow_patterns=None if files is None else list(files),
         ))
-    except (HfHubHTTPError, LocalEntryNotFoundError, HFValidationError, RequestException, OSError) as err:
+    # OSError covers the network errors of requests (RequestException is an OSError).
+    except (HfHubHTTPError, LocalEntryNotFoundError, HFValidationError, OSError) as err:
         raise _hub_error(repo_id, revision, err, offline) from err
     missing = _missing(folder, required)
     if missing:

@@ -116,8 +116,9 @@ def test_two_processes_write_the_same_files_as_one(parts, tmp_path):
     one = subprocess.run([sys.executable, "-m", "nitro_ar.cli", *args, "--out", str(tmp_path / "one")],
                          env=env, capture_output=True, text=True, timeout=600)
     assert one.returncode == 0, one.stderr[-2000:]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
-                          "-m", "nitro_ar.cli", *args, "--out", str(tmp_path / "two")], env=env, capture_output=True, text=True, timeout=600)
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port())]
+    two = subprocess.run([*launch, "-m", "nitro_ar.cli", *args, "--out", str(tmp_path / "two")],
+                         env=env, capture_output=True, text=True, timeout=600)
     assert two.returncode == 0, two.stderr[-2000:]
     files = sorted(p.name for p in (tmp_path / "one").iterdir())
     assert len([f for f in files if f.endswith(".safetensors")]) == 6
