@@ -1,13 +1,20 @@
-# Two commands: `make bench` (the main job) and `make test`. Each installs what is missing first.
+# Main commands: `make bench` (the main job), `make test`, `make lint`. Each installs what is missing first.
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
-# A CPU build of torch when none is installed. Override, e.g.
-#   make test TORCH_SPEC=torch TORCH_INDEX=https://download.pytorch.org/whl/cpu
+# torch is installed only when none is importable, from PyPI by default: there, Linux x86-64
+# wheels are CUDA builds (large); `make test TORCH_CPU=1` takes the CPU build from PyTorch's
+# CPU index instead. Any other build:
+#   make test TORCH_SPEC=torch TORCH_INDEX=https://download.pytorch.org/whl/rocm6.4
 TORCH_SPEC ?= torch==2.13.0
-TORCH_INDEX ?=
+TORCH_CPU ?=
+TORCH_INDEX ?= $(if $(TORCH_CPU),https://download.pytorch.org/whl/cpu,)
 PYTEST_ARGS ?=
+# `make bench` writes to the untracked bench/out/; `make bench UPDATE_RESULTS=1` updates the
+# committed bench/results/ (as `make gpu-check` does).
+UPDATE_RESULTS ?=
+BENCH_OUT = $(if $(UPDATE_RESULTS),bench/results,bench/out)
 
-.PHONY: install test bench gpu-check clean
+.PHONY: install lint test bench gpu-check clean
 
 install:
 	@$(PYTHON) -c "import torch" 2>/dev/null || \
@@ -15,21 +22,24 @@ install:
 	@# Triton only when no Triton is importable: ROCm torch brings pytorch-triton-rocm, which a
 	@# plain `triton` requirement would overwrite with a CUDA build.
 	@$(PYTHON) -c "import triton" 2>/dev/null && extras="dev,pipeline,train" || extras="triton,dev,pipeline,train"; \
-		$(PYTHON) -c "import nitro_ar.kernels, pytest, hypothesis, pytest_benchmark, diffusers, accelerate, yaml" 2>/dev/null || \
+		$(PYTHON) -c "import nitro_ar.kernels, pytest, hypothesis, pytest_benchmark, diffusers, accelerate, yaml, streaming, huggingface_hub, ruff" 2>/dev/null || \
 		$(PIP) install -q -e ".[$$extras]"
+
+lint: install
+	$(PYTHON) -m ruff check .
 
 test: install
 	TRITON_INTERPRET=1 $(PYTHON) -m pytest tests $(PYTEST_ARGS)
 
 bench: install
-	$(PYTHON) -m pytest bench --benchmark-only $(PYTEST_ARGS)
+	NITRO_AR_BENCH_RESULTS=$(BENCH_OUT) $(PYTHON) -m pytest bench --benchmark-only $(PYTEST_ARGS)
 
 # On a CUDA or ROCm machine: compiled kernels (bf16/fp16/fp32 parity), the benchmarks
-# (bench/results/<device>.json + .png) and an autotune pass persisted to the tuning cache.
+# (bench/results/<device>.json + .png, to commit) and an autotune pass persisted to the tuning cache.
 gpu-check: install
 	TRITON_INTERPRET=0 $(PYTHON) -m pytest tests $(PYTEST_ARGS)
-	$(PYTHON) -m pytest bench --benchmark-only $(PYTEST_ARGS)
+	NITRO_AR_BENCH_RESULTS=bench/results $(PYTHON) -m pytest bench --benchmark-only $(PYTEST_ARGS)
 	$(PYTHON) -m nitro_ar.cli autotune --shapes all
 
 clean:
-	rm -rf build dist *.egg-info .pytest_cache .benchmarks .hypothesis
+	rm -rf build dist *.egg-info .pytest_cache .benchmarks .hypothesis bench/out

@@ -4,11 +4,12 @@ Convention: a pytest-benchmark ``group`` is one case (op and shape, or model and
 each implementation in it is named by an ``impl`` parameter or ``extra_info["impl"]``:
 "eager" (the reference), "compile", "fast", "fast+graphs", "sdpa", ...
 
-After ``pytest bench --benchmark-only`` the results land in ``bench/results/<device>.json``
-(device, torch/triton versions, commit, every benchmark with its extra info and the versions
-it ran with, speed-ups of each implementation over the eager reference in the same group) and
-a PNG chart of the speed-ups beside it. A partial run replaces only its own records. Set
-``NITRO_AR_BENCH_RESULTS`` to write elsewhere.
+After ``pytest bench --benchmark-only`` the results land in ``bench/out/<device>.json``
+(untracked; device, torch/triton versions, commit, every benchmark with its extra info and the
+versions it ran with, speed-ups of each implementation over the eager reference in the same
+group) and a PNG chart of the speed-ups beside it (log axis, each bar labelled). A partial run
+replaces only its own records. ``NITRO_AR_BENCH_RESULTS`` names another folder:
+``make bench UPDATE_RESULTS=1`` (and ``make gpu-check``) set it to the committed ``bench/results/``.
 """
 import datetime
 import json
@@ -28,7 +29,7 @@ def device() -> torch.device:
 
 
 def _results_dir() -> Path:
-    return Path(os.environ.get("NITRO_AR_BENCH_RESULTS", Path(__file__).parent / "results"))
+    return Path(os.environ.get("NITRO_AR_BENCH_RESULTS") or Path(__file__).parent / "out")
 
 
 def _impl_and_case(bench) -> tuple:
@@ -52,19 +53,31 @@ def speedups(records: list) -> dict:
 
 
 def _chart(table: dict, title: str, file: Path) -> None:
+    """Horizontal bars of every speed-up on a log axis (a 28x bar and a 0.9x bar both stay
+    readable), each labelled with its value; green at or above 1x, red below."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     rows = [(case, impl, s) for case, impls in sorted(table.items()) for impl, s in sorted(impls.items())]
     fig, ax = plt.subplots(figsize=(10, max(2.5, 0.32 * len(rows) + 1)))
     labels = [f"{case} [{impl}]" for case, impl, _ in rows]
     values = [s for _, _, s in rows]
-    ax.barh(range(len(rows)), values, color=["tab:green" if v >= 1 else "tab:red" for v in values])
+    # Bars grow from 1x (no change): right for speed-ups, left for slow-downs.
+    bars = ax.barh(range(len(rows)), [v - 1.0 for v in values], left=1.0,
+                   color=["tab:green" if v >= 1 else "tab:red" for v in values])
+    ax.set_xscale("log")
+    low, high = min(values + [1.0]), max(values + [1.0])
+    ax.set_xlim(low / 1.6, high * 1.9)  # room for the labels beyond the longest bars
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x:g}x"))
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.set_xticks([t for t in (0.25, 0.5, 1, 2, 5, 10, 20, 50, 100, 200) if low / 1.6 <= t <= high * 1.9])
+    ax.bar_label(bars, labels=[f"{v:.2f}x" for v in values], padding=3, fontsize=7)
     ax.set_yticks(range(len(rows)), labels, fontsize=7)
     ax.axvline(1.0, color="black", linewidth=0.8)
-    ax.set_xlabel("speed-up over the eager reference (x)")
+    ax.set_xlabel("speed-up over the eager reference (x, log scale)")
     ax.set_title(title, fontsize=9)
     ax.invert_yaxis()
     fig.tight_layout()

@@ -1,7 +1,8 @@
 """``nitro-ar bench``: run the benchmark suite of a source checkout and print the speed-ups.
 
 The suite lives in the repository's ``bench/`` folder (pytest-benchmark); this wraps
-``pytest bench --benchmark-only`` for a one-line report. Results go to ``bench/results/``.
+``pytest bench --benchmark-only`` for a one-line report. Results go to the untracked ``bench/out/``
+(``NITRO_AR_BENCH_RESULTS=bench/results`` updates the committed ones).
 """
 from __future__ import annotations
 

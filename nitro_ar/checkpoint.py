@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .config import NITRO_E_ASA, NitroARConfig, NitroEConfig
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError, ConfigError, invalid
 from .io import write_safetensors_atomic, write_text_atomic
 
 __all__ = [
@@ -51,17 +51,47 @@ _MAX_LISTED = 12
 PathLike = Union[str, os.PathLike]
 
 
-def read_state_dict(path: PathLike, device: Union[str, torch.device] = "cpu") -> Dict[str, torch.Tensor]:
+# safetensors' dtype names of the floating-point dtypes a checkpoint may be cast to.
+_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64"}
+
+
+def read_state_dict(
+    path: PathLike, device: Union[str, torch.device] = "cpu", dtype: Optional[torch.dtype] = None
+) -> Dict[str, torch.Tensor]:
     """Read every tensor of a safetensors file. Raises CheckpointError for a missing or
-    non-safetensors file (the header is validated before any tensor is read)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    non-safetensors file (the header is validated before any tensor is read).
+
+    Floating-point tensors are cast to ``dtype`` (``None``: as stored) and moved to ``device``.
+    Without a cast or a move the tensors stay memory-mapped (read lazily, as safetensors does);
+    with one, tensors are read, converted and released one at a time, each through its own
+    short-lived mapping, so host memory peaks at about the converted model plus one tensor,
+    never the file and the model together.
+    """
+    from safetensors import SafetensorError, safe_open
 
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint file not found: {path}")
+    device = torch.device(device)
     try:
-        return load_file(str(path), device=str(device))
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            keys = list(handle.keys())
+            stored = {key: handle.get_slice(key).get_dtype() for key in keys}
+            target = _SAFETENSORS_DTYPES.get(dtype, "?") if dtype is not None else None
+            convert = device.type != "cpu" or (target is not None and any(
+                name != target for name in stored.values() if name.startswith(("F", "BF"))))
+            if not convert:
+                return {key: handle.get_tensor(key) for key in keys}
+        state = {}
+        for key in keys:
+            # A mapping per tensor: the pages read are released with it (one mapping for the
+            # whole loop would keep every page of the file resident until the end).
+            with safe_open(str(path), framework="pt", device="cpu") as handle:
+                tensor = handle.get_tensor(key)
+            cast = dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype
+            state[key] = tensor.to(device=device, dtype=cast, copy=True)
+            del tensor
+        return state
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
         raise CheckpointError(f"{path} is not a readable safetensors file ({err})") from err
 
@@ -150,18 +180,52 @@ def infer_config(state: Dict[str, torch.Tensor]) -> Union[NitroARConfig, NitroEC
         raise CheckpointError(f"the checkpoint's shapes give no valid configuration: {err}") from err
 
 
-def resolve_checkpoint(path: PathLike, model_type: str, variant: Optional[str] = None) -> Tuple[Path, Optional[dict]]:
+def resolve_checkpoint(
+    path: PathLike,
+    model_type: Optional[str],
+    variant: Optional[str] = None,
+    *,
+    filename: Optional[str] = None,
+    revision: Optional[str] = None,
+    cache_dir: Optional[PathLike] = None,
+    token: Union[str, bool, None] = None,
+    local_files_only: bool = False,
+) -> Tuple[Path, Optional[dict]]:
     """Find the weights file behind ``path`` and the saved config, if any.
 
     ``path`` may be a ``.safetensors`` file (official or saved), a directory saved by
-    ``save_pretrained`` (``config.json`` + ``model.safetensors``), or a directory of official
-    files (e.g. a download of ``amd/Nitro-AR``, holding both variants: ``variant`` picks one).
+    ``save_pretrained`` (``config.json`` + ``model.safetensors``), a directory of official
+    files (e.g. a download of ``amd/Nitro-AR``, holding both variants: ``variant`` picks one),
+    or a Hub repository id (``"amd/Nitro-AR"``): then only the weights wanted are fetched
+    (``filename``, else the official file of ``variant`` / ``model_type``, default ``gan``; or a
+    saved ``config.json`` + ``model.safetensors``) through :func:`nitro_ar.hub.resolve`.
+    ``model_type`` None accepts either family (the official file of both is looked for).
+    ``filename`` names the weights file inside a folder or repository.
     """
-    path = Path(path)
+    from .hub import is_repo_id, resolve
+
+    local = Path(path).expanduser()
+    if not local.exists() and is_repo_id(path):
+        if variant not in (None, "gan", "joint_gan"):
+            raise invalid("variant", variant, '"gan" or "joint_gan"')
+        ar_file, e_file = OFFICIAL_FILES[variant or "gan"], OFFICIAL_FILES["nitro_e"]
+        if filename is not None:
+            wanted = [filename]
+        else:
+            wanted = {"nitro_ar": [ar_file], "nitro_e": [e_file]}.get(model_type, [ar_file, e_file])
+        local = resolve(path, files=wanted + [CONFIG_NAME, WEIGHTS_NAME], required=[tuple(wanted + [WEIGHTS_NAME])],
+                        revision=revision, cache_dir=cache_dir, token=token, local_files_only=local_files_only)
+        # An official file wins over a config.json the repository may carry for other tools.
+        filename = filename or next((name for name in wanted if (local / name).is_file()), None)
+    path = local
     if path.is_file():
         return path, None
     if not path.is_dir():
         raise CheckpointError(f"no checkpoint at {path}")
+    if filename is not None:
+        if not (path / filename).is_file():
+            raise CheckpointError(f"{path} holds no {filename}")
+        return path / filename, None
     if (path / CONFIG_NAME).is_file():
         try:
             config = json.loads((path / CONFIG_NAME).read_text(encoding="utf-8"))
@@ -171,7 +235,7 @@ def resolve_checkpoint(path: PathLike, model_type: str, variant: Optional[str] =
             raise ConfigError(f"{path / CONFIG_NAME}: expected a JSON object of config fields, got {type(config).__name__}")
         return path / WEIGHTS_NAME, config
     files = sorted(path.glob("*.safetensors"))
-    wanted = OFFICIAL_FILES.get(variant or model_type)
+    wanted = OFFICIAL_FILES.get(variant or model_type or "")
     if wanted and (path / wanted).is_file():
         return path / wanted, None
     if len(files) == 1:
@@ -243,20 +307,38 @@ def _materialise_buffers(model: nn.Module, device: torch.device, dtype: torch.dt
             build(device, dtype)
 
 
-def load_model(cls, path: PathLike, config=None, *, dtype=None, device=None, variant: Optional[str] = None,
-               allow_nonfinite: bool = False):
-    """Build ``cls`` from a checkpoint without a second copy of the weights in memory.
+def load_model(
+    cls,
+    path: PathLike,
+    config=None,
+    *,
+    dtype=None,
+    device=None,
+    variant: Optional[str] = None,
+    filename: Optional[str] = None,
+    revision: Optional[str] = None,
+    cache_dir: Optional[PathLike] = None,
+    token: Union[str, bool, None] = None,
+    local_files_only: bool = False,
+    allow_nonfinite: bool = False,
+):
+    """Build ``cls`` from a checkpoint (local path or Hub repository id, see
+    :func:`resolve_checkpoint`) without a second copy of the weights in memory.
 
-    The model is constructed on the meta device, then the checkpoint's tensors (cast to
-    ``dtype``, moved to ``device``) are assigned to it. ``config`` overrides the saved or
-    inferred configuration (it is required to be consistent with the tensors). Checked first:
-    the file (safetensors), the model family, the saved config (ConfigError naming the key),
-    tensor names / shapes / dtypes, and, unless ``allow_nonfinite``, that no weight is NaN or Inf.
+    The model is constructed on the meta device; the checkpoint's tensors are read one by one,
+    each cast to ``dtype`` and moved to ``device`` as it is read, and assigned to it. ``config``
+    overrides the saved or inferred configuration (it is required to be consistent with the
+    tensors). Checked first: the file (safetensors), the model family, the saved config
+    (ConfigError naming the key), tensor names / shapes / dtypes, and, unless
+    ``allow_nonfinite``, that no weight is NaN or Inf.
     """
     model_type = cls.config_class.model_type
-    file, saved = resolve_checkpoint(path, model_type, variant or getattr(config, "variant", None))
+    file, saved = resolve_checkpoint(
+        path, model_type, variant or getattr(config, "variant", None), filename=filename, revision=revision,
+        cache_dir=cache_dir, token=token, local_files_only=local_files_only,
+    )
     device = torch.device(device) if device is not None else torch.device("cpu")
-    state = read_state_dict(file, device="cpu")
+    state = read_state_dict(file, device=device, dtype=dtype)
     kind = detect_model_type(state)
     if kind != model_type:
         other = "NitroE" if kind == "nitro_e" else "NitroAR"
@@ -280,7 +362,8 @@ def load_model(cls, path: PathLike, config=None, *, dtype=None, device=None, var
     check_state_dict(model, state, source=str(file))
     if dtype is None:
         dtype = next(iter(state.values())).dtype
-    state = {k: v.to(device=device, dtype=dtype) for k, v in state.items()}
+        for key in list(state):  # a file of mixed dtypes: one dtype, converted in place
+            state[key] = state[key].to(dtype)
     model.load_state_dict(state, strict=True, assign=True)
     _materialise_buffers(model, device, dtype)
     return model.eval()
@@ -310,23 +393,45 @@ class PretrainedMixin:
     config_class = None
 
     @classmethod
-    def from_pretrained(cls, path: PathLike, config=None, *, dtype=None, device=None, variant: Optional[str] = None,
-                        allow_nonfinite: bool = False):
-        """Load an official safetensors file, a directory of official files, or a directory
-        written by :meth:`save_pretrained`.
+    def from_pretrained(
+        cls,
+        path: PathLike,
+        config=None,
+        *,
+        dtype=None,
+        device=None,
+        variant: Optional[str] = None,
+        filename: Optional[str] = None,
+        revision: Optional[str] = None,
+        cache_dir: Optional[PathLike] = None,
+        token: Union[str, bool, None] = None,
+        local_files_only: bool = False,
+        allow_nonfinite: bool = False,
+    ):
+        """Load an official safetensors file, a directory of official files, a directory
+        written by :meth:`save_pretrained`, or a Hugging Face Hub repository.
 
         Args:
-            path: file or directory.
+            path: file, directory, or Hub repository id (``"amd/Nitro-AR"``, ``"amd/Nitro-E"``):
+                only the weights needed are downloaded (see ``variant`` / ``filename``).
             config: the model configuration; default: the saved one, else inferred from shapes.
             dtype: parameter dtype (default: the file's); device: where to put it (default CPU).
-            variant: for a directory of official Nitro-AR files, "gan" or "joint_gan".
+                Tensors are converted one by one as they are read (peak memory about one model).
+            variant: for official Nitro-AR files (a directory or ``amd/Nitro-AR``), "gan"
+                (default on the Hub) or "joint_gan".
+            filename: the weights file inside the directory or repository, e.g.
+                ``"Nitro-E-512px-dist.safetensors"``.
+            revision, cache_dir, token, local_files_only: as in ``huggingface_hub``
+                (``HF_HUB_OFFLINE=1`` is honoured).
             allow_nonfinite: load weights holding NaN / Inf instead of refusing them.
         Raises:
             CheckpointError (a ValueError) naming missing, unexpected or mis-shaped tensors,
             tensors holding NaN / Inf, a file that is not safetensors, or a checkpoint of the
             other model family. ConfigError (a ValueError) naming a bad ``config.json`` key.
+            HubError (an OSError) when a repository cannot be fetched or is not cached.
         """
-        return load_model(cls, path, config, dtype=dtype, device=device, variant=variant,
+        return load_model(cls, path, config, dtype=dtype, device=device, variant=variant, filename=filename,
+                          revision=revision, cache_dir=cache_dir, token=token, local_files_only=local_files_only,
                           allow_nonfinite=allow_nonfinite)
 
     def save_pretrained(self, directory: PathLike) -> Path:

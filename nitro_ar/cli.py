@@ -18,7 +18,8 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from .errors import NitroARError, invalid
+from . import __version__
+from .errors import NitroARError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -38,23 +39,6 @@ PATH_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, Permiss
 EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_INTERRUPTED = 2, 1, 130
 
 
-def resolve_local_or_hub(path: str, option: str) -> Path:
-    """The model folder ``path`` names for ``option`` (``--text-encoder``, ``--vae``).
-
-    Checked before anything is loaded, so a wrong path is one clear line rather than a
-    traceback about Hub connections. Today only local folders are accepted.
-
-    Raises:
-        InvalidArgumentError: ``path`` is not an existing folder.
-    """
-    folder = Path(path).expanduser()
-    if folder.is_dir():
-        return folder
-    if folder.exists():
-        raise invalid(option, path, "a model folder (config + weights), not a file")
-    raise invalid(option, path, "an existing local model folder (no such folder)")
-
-
 def _model_class(path: Path, variant: Optional[str]):
     from .checkpoint import detect_model_type, read_state_dict, resolve_checkpoint
     from .nitro_ar_model import NitroAR
@@ -71,46 +55,10 @@ def _device(name: Optional[str]) -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
-def _slug(prompt: str) -> str:
-    return re.sub(r"[^a-zA-Z0-9]+", "_", prompt).strip("_")[:48] or "image"
-
-
 def cmd_generate(args) -> int:
-    from tqdm import tqdm
+    from .generation import run_cli
 
-    from .nitro_e_model import NitroE
-    from .pipeline import NitroARPipeline, NitroEPipeline
-
-    prompts: List[str] = list(args.prompt or [])
-    if args.prompts_file:
-        prompts += [line.strip() for line in Path(args.prompts_file).read_text().splitlines() if line.strip()]
-    if not prompts:
-        raise SystemExit("nitro-ar generate: give --prompt (repeatable) or --prompts-file")
-    text_encoder = resolve_local_or_hub(args.text_encoder, "--text-encoder")
-    vae = resolve_local_or_hub(args.vae, "--vae")
-    device = _device(args.device)
-    cls = _model_class(Path(args.model), args.variant)
-    pipe_cls = NitroEPipeline if cls is NitroE else NitroARPipeline
-    kwargs = {"variant": args.variant} if args.variant and pipe_cls is NitroARPipeline else {}
-    pipe = pipe_cls.from_pretrained(args.model, text_encoder, vae, dtype=DTYPES[args.dtype], device=device, **kwargs)
-    if args.fast:
-        from . import fast
-
-        fast.accelerate(pipe.model)
-    names = {"steps": "steps" if cls is NitroE else "ar_steps", "head_steps": "head_steps", "cfg": "cfg"}
-    gen_kwargs = {names[k]: getattr(args, k) for k in names if getattr(args, k) is not None}
-    if cls is NitroE and "head_steps" in gen_kwargs:
-        raise SystemExit("nitro-ar generate: --head-steps applies to Nitro-AR only")
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for i, prompt in enumerate(tqdm(prompts, desc="generating", unit="image", disable=args.quiet)):
-        seed = args.seed + i
-        result = pipe(prompt, seed=seed, **gen_kwargs)
-        file = out_dir / f"{i:04d}_{_slug(prompt)}_seed{seed}.png"
-        result.images[0].save(file)
-        if not args.quiet:
-            tqdm.write(str(file))
-    return 0
+    return run_cli(args)
 
 
 def cmd_convert(args) -> int:
@@ -186,23 +134,41 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="nitro-ar", description="Nitro-AR / Nitro-E: generate, convert, inspect, tune.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log backend choices and progress details")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error instead of one line")
+    parser.add_argument("--version", action="version", version=f"nitro-ar {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    gen = sub.add_parser("generate", help="prompts -> PNG files")
-    gen.add_argument("--model", required=True, help="official .safetensors, a folder of them, or a saved model folder")
-    gen.add_argument("--text-encoder", required=True, help="local Llama-3.2-1B folder")
-    gen.add_argument("--vae", required=True, help="local DC-AE f32c32 folder (diffusers format)")
-    gen.add_argument("--variant", choices=["gan", "joint_gan"], help="Nitro-AR variant, for a folder holding both")
+    gen = sub.add_parser("generate", help="prompts -> PNG files (or latents), batched, resumable, sharded over processes")
+    gen.add_argument("--model", default="amd/Nitro-AR",
+                     help="Hub repo (default amd/Nitro-AR; amd/Nitro-E), official .safetensors, a folder of them, or a saved model folder")
+    gen.add_argument("--variant", choices=["gan", "joint_gan"], help="Nitro-AR variant (default on the Hub: gan)")
+    gen.add_argument("--filename", help="weights file inside --model's folder or repo (e.g. Nitro-E-512px-dist.safetensors)")
+    gen.add_argument("--revision", help="branch, tag or commit of --model's Hub repo")
+    gen.add_argument("--text-encoder", default="meta-llama/Llama-3.2-1B", help="Llama-3.2-1B: Hub repo (default; gated) or local folder")
+    gen.add_argument("--vae", default="mit-han-lab/dc-ae-f32c32-sana-1.0-diffusers",
+                     help="DC-AE f32c32 (diffusers format): Hub repo (default) or local folder")
+    gen.add_argument("--cache-dir", help="Hugging Face Hub cache (default HF_HUB_CACHE)")
+    gen.add_argument("--local-files-only", action="store_true", help="never download: read the Hub cache only (also HF_HUB_OFFLINE=1)")
     gen.add_argument("--prompt", action="append", help="a prompt (repeatable)")
-    gen.add_argument("--prompts-file", help="one prompt per line")
-    gen.add_argument("--seed", type=int, default=0, help="seed of the first image (then +1 per prompt)")
+    gen.add_argument("--prompts-file",
+                     help="text file (one prompt per line) or JSONL ({\"prompt\": ...} per line, e.g. GenEval's evaluation_metadata.jsonl)")
+    gen.add_argument("--negative-prompt", help="unconditional prompt of guidance (default: the empty prompt, as officially)")
+    gen.add_argument("--images-per-prompt", type=_positive_int, default=1, help="images per prompt (GenEval: 4)")
+    gen.add_argument("--batch-size", type=_positive_int, default=1, help="images per forward pass (Nitro-AR: part of what an image depends on)")
+    gen.add_argument("--seed", type=int, default=0, help="run seed; each image's seed derives from (seed, prompt index, image index)")
     gen.add_argument("--steps", type=_positive_int, help="AR steps (Nitro-AR) or flow steps (Nitro-E)")
     gen.add_argument("--head-steps", type=_positive_int, dest="head_steps", help="Euler steps of the head per AR step")
     gen.add_argument("--cfg", type=_finite_float, help="guidance weight")
     gen.add_argument("--dtype", choices=list(DTYPES), default="fp32")
-    gen.add_argument("--device", type=_device_name, help="e.g. cuda, cuda:1, cpu (default: GPU when present)")
-    gen.add_argument("--fast", action="store_true", help="accelerate with nitro_ar.fast")
-    gen.add_argument("--out", default="outputs", help="output folder")
+    gen.add_argument("--device", type=_device_name, help="e.g. cuda, cuda:1, cpu (default: GPU when present; under accelerate/torchrun: each process's own)")
+    gen.add_argument("--backend", choices=["auto", "triton", "interpret", "torch", "reference"],
+                     help="nitro_ar.fast backend (default reference, the eager model; auto: by device)")
+    gen.add_argument("--fast", action="store_true", help="same as --backend auto")
+    gen.add_argument("--graphs", action=argparse.BooleanOptionalAction, default=True, help="replay CUDA/HIP graphs (accelerated, on a GPU)")
+    gen.add_argument("--output-type", choices=["png", "latent"], default="png", help="latent: .safetensors latents, no DC-AE needed")
+    gen.add_argument("--layout", choices=["flat", "geneval"], default="flat",
+                     help="flat: OUT/<prompt>_<image>_<slug>.png; geneval: OUT/<prompt:05d>/{metadata.jsonl, samples/<image:04d>.png}")
+    gen.add_argument("--out", default="outputs", help="output folder (re-running resumes: existing outputs are skipped)")
+    gen.add_argument("--overwrite", action="store_true", help="regenerate existing outputs")
     gen.add_argument("--quiet", action="store_true")
     gen.set_defaults(func=cmd_generate)
 

@@ -1,7 +1,10 @@
 """The text encoder (Llama-3.2-1B, base model) and the DC-AE latent codec around the models.
 
-Both load from local folders only (``local_files_only``): nothing is downloaded at run time.
-``transformers`` is a base dependency; the DC-AE needs the ``pipeline`` extra (diffusers).
+Both load from a local folder or a Hugging Face Hub repository (:func:`nitro_ar.hub.resolve`:
+only the config, tokenizer and safetensors weights are fetched, never pickled weights;
+``HF_HUB_OFFLINE=1`` / ``local_files_only=True`` read the cache only). The folder is checked
+before anything is loaded. ``transformers`` is a base dependency; the DC-AE needs the
+``pipeline`` extra (diffusers).
 """
 from __future__ import annotations
 
@@ -11,12 +14,27 @@ from typing import List, Optional, Sequence, Union
 
 import torch
 
+from .errors import CheckpointError
+from .hub import TEXT_ENCODER_FILES, TEXT_ENCODER_REQUIRED, VAE_FILES, VAE_REQUIRED, resolve
+
 logger = logging.getLogger("nitro_ar")
 
-__all__ = ["TextEncoder", "LatentCodec"]
+__all__ = ["TextEncoder", "LatentCodec", "TEXT_ENCODER_REPO", "VAE_REPO"]
 
 TEXT_MAX_LENGTH = 128
 SCALING_FACTOR = 0.41407
+TEXT_ENCODER_REPO = "meta-llama/Llama-3.2-1B"
+VAE_REPO = "mit-han-lab/dc-ae-f32c32-sana-1.0-diffusers"
+PathLike = Union[str, os.PathLike]
+
+
+def _load(what: str, folder, load):
+    """``load()``, with a library's error on a malformed folder turned into one CheckpointError."""
+    try:
+        return load()
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        first_line = (str(err).strip().splitlines() or [""])[0]
+        raise CheckpointError(f"the {what} at {folder} cannot be loaded ({type(err).__name__}: {first_line})") from err
 
 
 class TextEncoder:
@@ -34,17 +52,33 @@ class TextEncoder:
         self._empty: Optional[torch.Tensor] = None
 
     @classmethod
-    def from_pretrained(cls, path: Union[str, os.PathLike], *, dtype=torch.float32, device=None, max_length: int = TEXT_MAX_LENGTH):
-        """Load tokenizer and base model (e.g. ``meta-llama/Llama-3.2-1B`` downloaded to ``path``)."""
+    def from_pretrained(
+        cls,
+        path: PathLike = TEXT_ENCODER_REPO,
+        *,
+        dtype=torch.float32,
+        device=None,
+        max_length: int = TEXT_MAX_LENGTH,
+        revision: Optional[str] = None,
+        cache_dir: Optional[PathLike] = None,
+        token: Union[str, bool, None] = None,
+        local_files_only: bool = False,
+    ):
+        """Load tokenizer and base model from a local folder or a Hub repository (default
+        ``meta-llama/Llama-3.2-1B``: gated, accept its licence on the Hub and log in first).
+        ``revision``, ``cache_dir``, ``token``, ``local_files_only``: as in huggingface_hub."""
+        folder = resolve(path, files=TEXT_ENCODER_FILES, required=TEXT_ENCODER_REQUIRED, revision=revision,
+                         cache_dir=cache_dir, token=token, local_files_only=local_files_only, what="text encoder")
         from transformers import AutoModel, AutoTokenizer
         from transformers.utils import logging as hf_logging
 
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        tokenizer = _load("text encoder", folder, lambda: AutoTokenizer.from_pretrained(folder, local_files_only=True))
         # Loading the base model from a causal-LM checkpoint reports the unused LM head.
         verbosity = hf_logging.get_verbosity()
         hf_logging.set_verbosity_error()
         try:
-            model = AutoModel.from_pretrained(path, dtype=dtype, local_files_only=True)
+            model = _load("text encoder", folder, lambda: AutoModel.from_pretrained(
+                folder, dtype=dtype, local_files_only=True, use_safetensors=True))
         finally:
             hf_logging.set_verbosity(verbosity)
         model.requires_grad_(False)
@@ -85,12 +119,28 @@ class LatentCodec:
         self.vae, self.scaling_factor = vae.eval(), scaling_factor
 
     @classmethod
-    def from_pretrained(cls, path: Union[str, os.PathLike], *, dtype=torch.float32, device=None, scaling_factor: float = SCALING_FACTOR):
+    def from_pretrained(
+        cls,
+        path: PathLike = VAE_REPO,
+        *,
+        dtype=torch.float32,
+        device=None,
+        scaling_factor: float = SCALING_FACTOR,
+        revision: Optional[str] = None,
+        cache_dir: Optional[PathLike] = None,
+        token: Union[str, bool, None] = None,
+        local_files_only: bool = False,
+    ):
+        """Load the DC-AE (diffusers format) from a local folder or a Hub repository (default
+        ``mit-han-lab/dc-ae-f32c32-sana-1.0-diffusers``); hub arguments as in huggingface_hub."""
         try:
             from diffusers import AutoencoderDC
         except ImportError as err:  # the `pipeline` extra
             raise ImportError("the DC-AE needs diffusers: pip install 'nitro-ar[pipeline]'") from err
-        vae = AutoencoderDC.from_pretrained(path, torch_dtype=dtype, local_files_only=True)
+        folder = resolve(path, files=VAE_FILES, required=VAE_REQUIRED, revision=revision, cache_dir=cache_dir,
+                         token=token, local_files_only=local_files_only, what="DC-AE")
+        vae = _load("DC-AE", folder, lambda: AutoencoderDC.from_pretrained(
+            folder, torch_dtype=dtype, local_files_only=True, use_safetensors=True))
         vae.requires_grad_(False)
         if device is not None:
             vae.to(device)
