@@ -427,8 +427,9 @@ def _joint_attention_bwd_dkdv_kernel(
 # change its code at 4 warps); on gfx942 16- and 32-row tiles need 81..152 VGPRs, no AGPR, no
 # spill. Eight warps only for tiles of 64+ rows. Dropped because they spill:
 # sm_90 dk/dv at BLOCK_N = 128 with 4 warps; gfx942 2-warp and 64 x 64 tiles (issue 10's
-# compile of every candidate). HIP: num_stages 1 (64 KiB LDS), num_warps counts 64-wide
-# wavefronts, 16x16 MFMA; HIP-only keys appear in HIP lists only. waves_per_eu is a HIP tuning
+# compile of every candidate); the gfx942 dk/dv candidates left need 110..225 VGPRs, no AGPR,
+# no spill (bf16, head_dim 32 with q/k norm and 64 without). HIP: num_stages 1 (64 KiB LDS),
+# num_warps counts 64-wide wavefronts, 16x16 MFMA; HIP-only keys appear in HIP lists only. waves_per_eu is a HIP tuning
 # candidate, not a default: it caps registers per lane to raise occupancy, which pays or spills
 # depending on the shape, so only a timed tuning run may pick it.
 INTERPRETER_CONFIG = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=1)
