@@ -422,17 +422,22 @@ def _joint_attention_bwd_dkdv_kernel(
 # group), so tiles stay small: larger ones mostly add masked-out work. Query tiles of 16 and 32
 # rows give the transformer head's attention at batch 1 (2 x 12 heads x 256 tokens: 96 programs
 # at BLOCK_M = 64) 192 or 384 programs, enough to fill 132 SMs / 304 CUs; 16 is tl.dot's
-# smallest M on NVIDIA. Eight warps only for tiles of 64+ rows. Dropped because they spill:
+# smallest M on NVIDIA. On sm_90 a 16-row forward tile takes 2 warps (ptxas: 119..206
+# registers, no spill; with 4 warps it spills 4..16 bytes) and num_stages 1 (stages did not
+# change its code at 4 warps); on gfx942 16- and 32-row tiles need 81..152 VGPRs, no AGPR, no
+# spill. Eight warps only for tiles of 64+ rows. Dropped because they spill:
 # sm_90 dk/dv at BLOCK_N = 128 with 4 warps; gfx942 2-warp and 64 x 64 tiles (issue 10's
-# compile of every candidate). HIP: num_stages 1 (64 KiB LDS), num_warps counts 64-wide
-# wavefronts, 16x16 MFMA; HIP-only keys appear in HIP lists only. waves_per_eu is a HIP tuning
+# compile of every candidate); the gfx942 dk/dv candidates left need 110..225 VGPRs, no AGPR,
+# no spill (bf16, head_dim 32 with q/k norm and 64 without). HIP: num_stages 1 (64 KiB LDS),
+# num_warps counts 64-wide wavefronts, 16x16 MFMA; HIP-only keys appear in HIP lists only. waves_per_eu is a HIP tuning
 # candidate, not a default: it caps registers per lane to raise occupancy, which pays or spills
 # depending on the shape, so only a timed tuning run may pick it.
 INTERPRETER_CONFIG = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=1)
 FORWARD_CONFIGS = ConfigTable(
     cuda=[dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
-          for block_m in (16, 32, 64, 128) for block_n in (32, 64) for warps in (4, 8) for stages in (1, 2, 3)
-          if warps == 4 or block_m >= 64],
+          for block_m in (32, 64, 128) for block_n in (32, 64) for warps in (4, 8) for stages in (1, 2, 3)
+          if warps == 4 or block_m >= 64]
+         + [dict(BLOCK_M=16, BLOCK_N=block_n, num_warps=2, num_stages=1) for block_n in (32, 64)],
     hip=[dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4, num_stages=1, waves_per_eu=waves,
               matrix_instr_nonkdim=16)
          for block_m in (16, 32, 64, 128) for block_n in (32, 64) for waves in (0, 2)

@@ -29,6 +29,8 @@ def compile_kernel(kernel, vendor, config, constexprs, dtype="bf16", absent=()):
     """Compile ``kernel`` for ``vendor`` with meta-parameters ``constexprs`` and the launch
     options of ``config``; ``absent`` pointer arguments are passed as None (constexpr)."""
     signature, values = {}, dict(constexprs)
+    if "INDEX_64" in kernel.arg_names:  # the launch plan's index width; int32 offsets at these shapes
+        values.setdefault("INDEX_64", False)
     for name in kernel.arg_names:
         if name in values or name in absent:
             signature[name] = "constexpr"
