@@ -313,6 +313,8 @@ def _checkpoint_problem(path: Path) -> Optional[str]:
 
 def _load_optimizer(optimizer: torch.optim.Optimizer, directory: Path, name: str) -> None:
     meta = _read_json(directory / f"{name}.json")
+    if not isinstance(meta.get("scalars"), dict) or not isinstance(meta.get("param_groups"), list):
+        raise CheckpointError(f"{directory / f'{name}.json'} lacks 'scalars' / 'param_groups': not an optimizer state")
     entries: Dict[int, Dict[str, object]] = {}
     for source in (read_state_dict(directory / f"{name}.safetensors"), meta["scalars"]):
         for key, value in source.items():
