@@ -317,7 +317,7 @@ class NitroStreamingDataset(StreamingDataset):
     # ------------------------------------------------------------------ checks
     def _stream_name(self, stream_id: int) -> str:
         stream = self.streams[stream_id]
-        return str(stream.remote or os.path.join(stream.local, stream.split))
+        return str(stream.remote or os.path.normpath(os.path.join(stream.local, stream.split)))
 
     def required_columns(self) -> List[str]:
         """The MDS columns the requested fields read."""
@@ -402,23 +402,29 @@ class NitroStreamingDataset(StreamingDataset):
             raise DatasetError(f"shard {path}: non-finite values in {column!r}")
         return value * scale if scale != 1.0 else value
 
+    @staticmethod
+    def _check_width(row: dict, column: str, other: int, want: int, path: str, what: str) -> None:
+        """A clear error when a float16 column holds ``other`` x n values with n != ``want``."""
+        data = row[column]
+        if isinstance(data, bytes) and len(data) % (2 * other) == 0 and len(data) // (2 * other) != want:
+            raise DatasetError(f"shard {path}: {column!r} holds {what.format(len(data) // (2 * other))}")
+
     def _decode(self, row: dict, path: str) -> Dict[str, Any]:
         item: Dict[str, Any] = {}
-        channels = self.latent_shape[0]
+        channels, height, width = self.latent_shape
+        length, text_channels = self.text_shape
         for field_name in self.fields:
             if field_name == "latents":
-                column = self.latent_column
-                data = row[column]
-                side = self.latent_shape[1:]
-                if isinstance(data, bytes) and len(data) % (2 * side[0] * side[1]) == 0 and \
-                        len(data) // (2 * side[0] * side[1]) != channels:
-                    raise DatasetError(f"shard {path}: {column!r} holds {len(data) // (2 * side[0] * side[1])}-channel "
-                                       f"latents but the model takes {channels} channels")
-                item["latents"] = self._float(row, column, self.latent_shape, path, self.scaling_factor)
+                self._check_width(row, self.latent_column, height * width, channels, path,
+                                  f"{{}}-channel latents but the model takes {channels} channels")
+                item["latents"] = self._float(row, self.latent_column, self.latent_shape, path, self.scaling_factor)
             elif field_name == "text":
+                self._check_width(row, TEXT_FEAT, length, text_channels, path,
+                                  f"{length} x {{}} float16 embeddings, expected {length} x {text_channels} (the model's "
+                                  "caption_channels; wrong text encoder, or another text_length?)")
                 item["text"] = self._float(row, TEXT_FEAT, self.text_shape, path)
             elif field_name == "text_mask":
-                item["text_mask"] = self._array(row, TEXT_MASK, np.int64, self.text_shape[:1], path)
+                item["text_mask"] = self._array(row, TEXT_MASK, np.int64, (length,), path)
             elif field_name == "thumbnail":
                 item["thumbnail"] = self._float(row, THUMB_LATENT, (channels, 1, 1), path, self.scaling_factor)
             elif field_name == "dino":
