@@ -403,10 +403,9 @@ class NitroStreamingDataset(StreamingDataset):
 
     def _float(self, row: dict, column: str, shape: Tuple[int, ...], path: str, scale: float = 1.0) -> torch.Tensor:
         # numpy, single-threaded: cheaper than torch ops in DataLoader workers.
-        value = self._numpy(row, column, np.float16, shape, path)
+        value = self._numpy(row, column, np.float16, shape, path).astype(np.float32)
         if not np.isfinite(value).all():
             raise DatasetError(f"shard {path}: non-finite values in {column!r}")
-        value = value.astype(np.float32)
         if scale != 1.0:
             value *= np.float32(scale)
         return torch.from_numpy(value)

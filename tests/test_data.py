@@ -129,6 +129,15 @@ def test_wrong_byte_layout_is_a_clear_error(tmp_path):
     assert data[0]["latents"].shape == (32, 16, 16)
 
 
+def test_non_finite_values_are_named(tmp_path):
+    rows = official_rows(2)
+    rows[1]["latents_512"][3, 2, 1] = np.inf
+    data = open_dataset(write_official(tmp_path / "official", rows), text_length=128, text_channels=2048, shuffle=False)
+    assert torch.isfinite(data[0]["latents"]).all()
+    with pytest.raises(DatasetError, match=r"shard\.00000\.mds: non-finite values in 'latents_512'"):
+        data[1]
+
+
 def test_empty_text(synthetic, tmp_path):
     data = open_dataset(synthetic)
     empty = data.empty_text()
