@@ -41,7 +41,7 @@ from torch.utils.data import DataLoader
 
 from .checkpoint import CheckpointError, read_state_dict
 from .config import NitroARConfig
-from .data import DatasetError, PairDataset
+from .data import DatasetError, NitroStreamingDataset, make_streams
 from .errors import ConfigError, NitroARError, TrainingError
 from .io import commit_dir, sweep_stale, write_json_atomic, write_safetensors_atomic, write_text_atomic
 from .kernels import atomic_files
@@ -93,6 +93,13 @@ def _parse_bool(text) -> bool:
     raise ValueError(f"not a boolean: {text!r}")
 
 
+def _parse_json_list(text) -> list:
+    value = json.loads(text) if isinstance(text, str) else text
+    if not isinstance(value, list):
+        raise ValueError(f"expected a JSON list, got {text!r}")
+    return value
+
+
 def _parse_json_dict(text) -> dict:
     value = json.loads(text) if isinstance(text, str) else text
     if not isinstance(value, dict):
@@ -104,7 +111,16 @@ def _parse_json_dict(text) -> dict:
 class TrainConfig:
     """Settings of a training run (defaults: the released Nitro-AR ``gan`` config)."""
 
-    data_dir: str = _opt("", "dataset folder written by `nitro-ar precompute` (or make_synthetic_dataset)", str)
+    data_dir: str = _opt("", "MDS dataset: a folder (written by `nitro-ar precompute` or the official precompute) or a URL", str)
+    data_streams: List = _opt_factory(list, "instead of data_dir, several MDS streams mixed: JSON list of folders/URLs or "
+                                      "{remote, local, split, proportion|repeat|choose}", _parse_json_list)
+    data_cache_dir: str = _opt("", "local cache folder of remote streams (default: streaming's temporary folder)", str)
+    empty_text: str = _opt("", "empty-prompt embedding file (default: empty_text.safetensors in a local stream folder)", str)
+    text_length: int = _opt(128, "tokens per stored text embedding (text_feat is text_length x caption_channels)", int)
+    shuffle_algo: str = _opt("py1e", "streaming shuffle algorithm (py1e, py1br, py1b, py1s, py2s, naive)", str)
+    num_canonical_nodes: Optional[int] = _opt(None, "streaming canonical nodes: fixes the sample order across node counts "
+                                              "(default: 64, or 1 for datasets under 4096 samples)", int)
+    verify_shards: bool = _opt(True, "check each shard's checksum (or size) when a process first reads it", _parse_bool)
     output_dir: str = _opt("", "where checkpoints and the log go", str)
     mode: str = _opt("pretrain", "pretrain (masked AR flow matching), adversarial (head fine-tuning) or shortcut "
                      "(FAR shortcut heads; from scratch, or from a flow-matching model with init_from)", str)
@@ -140,7 +156,6 @@ class TrainConfig:
     adv_head_steps: Optional[int] = _opt(None, "adversarial: head Euler steps (default: the model's, 3 gan / 6 joint_gan)", int)
     disc_learning_rate: Optional[float] = _opt(None, "adversarial: discriminator learning rate (default: learning_rate)", float)
     disc_hidden: int = _opt(256, "adversarial: width of the discriminator MLP", int)
-    on_bad_shard: str = _opt("error", "error or skip: what to do with unreadable / inconsistent shards", str)
     num_workers: int = _opt(2, "DataLoader worker processes per training process", int)
     save_every: int = _opt(1000, "checkpoint every N optimizer steps (a final one is always written)", int)
     keep_checkpoints: int = _opt(3, "how many step checkpoints to keep (0: all)", int)
@@ -156,13 +171,13 @@ class TrainConfig:
             if not cond:
                 raise ConfigError(message)
 
-        need(bool(self.data_dir), "data_dir is required")
+        need(bool(self.data_dir) != bool(self.data_streams), "give data_dir or data_streams (one of them)")
         need(bool(self.output_dir), "output_dir is required")
         need(self.mode in MODES, f"mode must be one of {MODES}, got {self.mode!r}")
         need(self.variant in (None, "gan", "joint_gan"), f"variant must be gan or joint_gan, got {self.variant!r}")
         need(self.mixed_precision in PRECISIONS, f"mixed_precision must be one of {PRECISIONS}, got {self.mixed_precision!r}")
-        need(self.on_bad_shard in ("error", "skip"), f"on_bad_shard must be error or skip, got {self.on_bad_shard!r}")
-        for name in ("batch_size", "gradient_accumulation_steps", "max_steps", "save_every", "log_every", "disc_hidden"):
+        for name in ("batch_size", "gradient_accumulation_steps", "max_steps", "save_every", "log_every", "disc_hidden",
+                     "text_length"):
             need(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("warmup_steps", "keep_checkpoints", "num_workers", "weight_decay", "grad_clip"):
             need(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
@@ -174,6 +189,8 @@ class TrainConfig:
             value = getattr(self, f.name)
             need(not (isinstance(value, float) and not math.isfinite(value)), f"{f.name} must be a finite number, got {value}")
         ShortcutSettings.from_dict(self.shortcut)  # ConfigError naming a bad shortcut setting
+        need(self.num_canonical_nodes is None or self.num_canonical_nodes >= 1,
+             f"num_canonical_nodes must be >= 1, got {self.num_canonical_nodes}")
 
     def objective_settings(self, joint: bool) -> ObjectiveSettings:
         mul = self.diffusion_batch_mul if self.diffusion_batch_mul is not None else (1 if joint else 2)
@@ -222,39 +239,6 @@ def parse_config(argv: Optional[Sequence[str]] = None) -> TrainConfig:
     cfg = TrainConfig(**parsed)
     cfg.validate()
     return cfg
-
-
-# --------------------------------------------------------------------------------------------
-# data order
-# --------------------------------------------------------------------------------------------
-class GlobalBatchSampler:
-    """Index lists of this process's slice of successive global batches, for ever.
-
-    The sample stream is the concatenation of per-epoch permutations (seeded by (seed, epoch));
-    global batch k covers stream positions ``[start + k G, start + (k + 1) G)``, G = local batch
-    x processes, and process r takes the r-th local slice. The data position of a run is the
-    stream position, so resuming continues with exactly the next samples.
-    """
-
-    def __init__(self, num_samples: int, local_batch: int, num_processes: int, process_index: int, seed: int, start: int):
-        self.num_samples, self.local_batch = num_samples, local_batch
-        self.num_processes, self.process_index = num_processes, process_index
-        self.seed, self.start = seed, start
-        self._epoch, self._perm = -1, None
-
-    def _sample(self, position: int) -> int:
-        epoch = position // self.num_samples
-        if epoch != self._epoch:
-            gen = torch.Generator().manual_seed(mix_seed(self.seed, epoch, -2))
-            self._epoch, self._perm = epoch, torch.randperm(self.num_samples, generator=gen)
-        return int(self._perm[position % self.num_samples])
-
-    def __iter__(self) -> Iterator[List[int]]:
-        position = self.start + self.process_index * self.local_batch
-        stride = self.local_batch * self.num_processes
-        while True:
-            yield [self._sample(position + i) for i in range(self.local_batch)]
-            position += stride
 
 
 # --------------------------------------------------------------------------------------------
@@ -408,13 +392,12 @@ class Trainer:
         if acc.is_main_process:
             self.ckpt_root.mkdir(parents=True, exist_ok=True)
 
-        self.dataset = PairDataset(cfg.data_dir, on_bad_shard=cfg.on_bad_shard)
         resume = self._find_resume()
         self.model = self._build_model(resume)
         self.shortcut = cfg.mode == "shortcut"
         if self.shortcut:
             enable_shortcut(self.model)  # FMSC from a flow-matching init_from: zero step embeddings
-        self._check_data_fits()
+        self._build_data()
         self.adversarial = cfg.mode == "adversarial"
         settings = cfg.objective_settings(self.model.is_joint)
 
@@ -433,7 +416,7 @@ class Trainer:
         ids = {id(p) for p in trainable}
         self.model.train()
 
-        empty = self.dataset.empty_text()
+        empty = self.dataset.empty_text(cfg.empty_text or None)["text"]
         self.optimizer = self._adamw(trainable, cfg.learning_rate)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, WarmupConstant(cfg.warmup_steps))
         if self.adversarial:
@@ -463,22 +446,18 @@ class Trainer:
         self.step = 0
         self.samples_consumed = 0
         self.nonfinite_in_a_row = 0
+        self.global_batch = cfg.batch_size * acc.num_processes
         if resume is not None:
             self._load_training_state(resume)
-        self.global_batch = cfg.batch_size * acc.num_processes
-        sampler = GlobalBatchSampler(len(self.dataset), cfg.batch_size, acc.num_processes, acc.process_index,
-                                     cfg.seed, self.samples_consumed)
-        self.batches = iter(DataLoader(self.dataset, batch_sampler=sampler, num_workers=cfg.num_workers,
-                                       pin_memory=acc.device.type == "cuda", persistent_workers=cfg.num_workers > 0))
         if acc.is_main_process:
             logger.info("training %s (%s, %.1fM trainable parameters) on %d process(es), global batch %d x %d accumulation, "
                         "precision %s, %s path; %d samples in %s",
                         self.model.config.variant, cfg.mode, sum(p.numel() for p in trainable) / 1e6, acc.num_processes,
                         self.global_batch, cfg.gradient_accumulation_steps, precision,
-                        "fast" if self.fast_active else "eager", len(self.dataset), cfg.data_dir)
+                        "fast" if self.fast_active else "eager", self.dataset.epoch_size,
+                        cfg.data_dir or f"{len(cfg.data_streams)} streams")
         if resume is not None:
-            # Last: building the data iterator draws from the global RNG, as it did in the
-            # uninterrupted run before the state now restored was saved.
+            # Last: restoring the RNG after everything that may draw from it while being built.
             self._restore_rng(resume)
 
     # ------------------------------------------------------------------ construction
@@ -575,28 +554,87 @@ class Trainer:
         official_head_init(model)
         return model
 
-    def _check_data_fits(self) -> None:
-        mcfg, data = self.model.config, self.dataset
-        latent = (mcfg.in_channels, mcfg.sample_size, mcfg.sample_size)
-        if tuple(data.latent_shape) != latent:
-            raise DatasetError(f"{data.root}: latents are {tuple(data.latent_shape)} but the model takes {latent}")
-        if data.text_shape[-1] != mcfg.caption_channels:
-            raise DatasetError(f"{data.root}: text embeddings have {data.text_shape[-1]} channels but the model's "
-                               f"caption_channels is {mcfg.caption_channels} (wrong text encoder?)")
-        if self.model.is_joint and not data.has_thumbnails:
-            raise DatasetError(f"{data.root} has no global-token thumbnails, which joint_gan training needs "
-                               "(rebuild it with `nitro-ar precompute` without --no-thumbnails)")
+    # ------------------------------------------------------------------ data
+    def _build_data(self) -> None:
+        """The MDS dataset (fields and layout from the model) and this process's loader.
 
-    # ------------------------------------------------------------------ steps
+        Streaming orders each epoch's samples as one global sequence (from the shuffle seed,
+        the canonical nodes and the epoch only) and deals it out: sample j of the sequence goes
+        to node j % N, and within a node to rank (j // N) % R; each rank batches its share in
+        order. So global batch k is sequence positions [k G, (k + 1) G) whatever the number of
+        processes, and a local sample's position (used to seed its random draws) follows from
+        its rank (see ``_draws``). An epoch ends with the last full batch of every rank.
+        """
+        from streaming.base.world import World
+
+        cfg, acc, mcfg = self.cfg, self.accelerator, self.model.config
+        streams = make_streams(cfg.data_streams or cfg.data_dir, cache_dir=cfg.data_cache_dir or None)
+        fields = ("latents", "text", "thumbnail") if self.model.is_joint else ("latents", "text")
+        self.dataset = NitroStreamingDataset(
+            streams, batch_size=cfg.batch_size, resolution=32 * mcfg.sample_size, fields=fields,
+            text_length=cfg.text_length, text_channels=mcfg.caption_channels, latent_channels=mcfg.in_channels,
+            shuffle=True, shuffle_seed=mix_seed(cfg.seed, -2) & 0x7FFFFFFF, shuffle_algo=cfg.shuffle_algo,
+            num_canonical_nodes=cfg.num_canonical_nodes, verify=cfg.verify_shards,
+        )
+        if self.dataset.num_canonical_nodes is None:
+            self.dataset.num_canonical_nodes = 64 if self.dataset.epoch_size >= 4096 else 1
+        world = World.detect()
+        self._ranks_per_node, self._num_nodes = world.ranks_per_node, world.num_nodes
+        # A generator of its own: each new epoch's iterator draws a worker base seed, which must
+        # not come from the global RNG (a resumed run would then draw it at another point).
+        loader_rng = torch.Generator().manual_seed(mix_seed(cfg.seed, -3) & 0x7FFFFFFF)
+        self.loader = DataLoader(self.dataset, batch_size=cfg.batch_size, drop_last=True, num_workers=cfg.num_workers,
+                                 generator=loader_rng,
+                                 pin_memory=acc.device.type == "cuda", persistent_workers=cfg.num_workers > 0)
+        self._batches: Optional[Iterator] = None
+        self.data_epoch, self.data_batches_in_epoch, self._epoch_start = 0, 0, 0
+
+    def _data_state(self) -> dict:
+        """The data position for a checkpoint: streaming's resumption state (epoch and global
+        samples consumed in it) and what the sample order depends on."""
+        state = self.dataset.state_dict(self._epoch_start + self.data_batches_in_epoch * self.global_batch,
+                                        from_beginning=True)
+        state["epoch"] = self.data_epoch
+        return {"streaming": state, "batch_size": self.cfg.batch_size}
+
+    def _restore_data_state(self, state: Optional[dict]) -> None:
+        """Continue from a checkpoint's data position (before the first batch is drawn)."""
+        if not state:
+            raise CheckpointError("the checkpoint has no data position (written by an older nitro-ar?)")
+        if state["batch_size"] != self.cfg.batch_size:
+            logger.warning("resuming with batch %d per process instead of %d: streaming deals samples out by it, so "
+                           "the sample order differs from the uninterrupted run's", self.cfg.batch_size, state["batch_size"])
+        streaming = state["streaming"]
+        self.dataset.load_state_dict(streaming)
+        self.data_epoch, self._epoch_start, self.data_batches_in_epoch = int(streaming["epoch"]), int(streaming["sample_in_epoch"]), 0
+
     def _next_batch(self) -> Dict[str, torch.Tensor]:
-        batch = next(self.batches)
+        started_empty = False
+        while True:
+            if self._batches is None:
+                self._batches = iter(self.loader)
+                started_empty = self._epoch_start == 0
+            try:
+                batch = next(self._batches)
+                break
+            except StopIteration:
+                if started_empty and self.data_batches_in_epoch == 0:
+                    raise DatasetError(f"an epoch of {self.dataset.epoch_size} samples holds no full batch of "
+                                       f"{self.cfg.batch_size} per process") from None
+                self._batches = None
+                self.data_epoch, self.data_batches_in_epoch, self._epoch_start = self.data_epoch + 1, 0, 0
+        self.data_batches_in_epoch += 1
         return {k: v.to(self.accelerator.device, non_blocking=True) for k, v in batch.items()}
 
+    # ------------------------------------------------------------------ steps
     def _draws(self, micro: int):
         acc, cfg = self.accelerator, self.cfg
-        base = micro * self.global_batch + acc.process_index * cfg.batch_size
+        # Global sequence position of local sample i (see _build_data): (i R + r) N + n.
+        node, rank = divmod(acc.process_index, self._ranks_per_node)
+        positions = [micro * self.global_batch + (i * self._ranks_per_node + rank) * self._num_nodes + node
+                     for i in range(cfg.batch_size)]
         draw = draw_shortcut_step if self.shortcut else draw_step
-        draws = draw(self.model, self.settings, seed=cfg.seed, step=self.step, positions=range(base, base + cfg.batch_size))
+        draws = draw(self.model, self.settings, seed=cfg.seed, step=self.step, positions=positions)
         return draws.to(acc.device)
 
     def _micro_batches(self, module: nn.Module) -> Iterator[Tuple[Dict[str, torch.Tensor], object, contextlib.AbstractContextManager]]:
@@ -800,6 +838,7 @@ class Trainer:
                 "step": self.step, "samples_consumed": self.samples_consumed, "global_batch": self.global_batch,
                 "num_processes": acc.num_processes, "mode": cfg.mode, "variant": model.config.variant,
                 "seed": cfg.seed, **schedulers,
+                "data": self._data_state(),
             }
             write_json_atomic(state, partial / STATE_NAME)  # the completeness marker: last
             commit_dir(partial, final)
@@ -834,6 +873,7 @@ class Trainer:
             logger.warning("resuming with global batch %d instead of %d: training continues, but not exactly as "
                            "an uninterrupted run would", cfg.batch_size * acc.num_processes, state["global_batch"])
         self.step, self.samples_consumed = int(state["step"]), int(state["samples_consumed"])
+        self._restore_data_state(state.get("data"))
         _load_optimizer(self.optimizer.optimizer, resume, "optimizer")
         self.scheduler.load_state_dict(state["scheduler"])
         if self.adversarial:
