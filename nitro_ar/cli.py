@@ -16,7 +16,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Subcommands that hand their arguments to another module's entry point ``fn(argv) -> int``.
 DELEGATED = {
     "train": ("nitro_ar.train", "main", "train or fine-tune on precomputed shards (see README)"),
-    "precompute": ("nitro_ar.data", "precompute_main", "build training shards from images + captions"),
+    "precompute": ("nitro_ar.data", "precompute_main", "build an MDS training dataset from images + captions"),
     "autotune": ("nitro_ar.kernels.tuning", "main", "tune kernel configs on this GPU and persist them"),
     "bench": ("nitro_ar.bench", "main", "run the benchmark suite and print the speed-up table"),
 }

@@ -39,7 +39,7 @@ from torch.utils.data import DataLoader
 
 from .checkpoint import CheckpointError, read_state_dict, write_safetensors_atomic, write_text_atomic
 from .config import NitroARConfig
-from .data import DatasetError, PairDataset
+from .data import DatasetError, NitroStreamingDataset, make_streams
 from .errors import ConfigError
 from .nitro_ar_model import NitroAR
 from .nitro_e_model import NitroE
@@ -108,7 +108,16 @@ class TrainConfig:
     """Settings of a training run (defaults: the released Nitro-AR ``gan`` config; the Nitro-E
     keys default to the official ``configs/default_config.yaml``)."""
 
-    data_dir: str = _opt("", "dataset folder written by `nitro-ar precompute` (or make_synthetic_dataset)", str)
+    data_dir: str = _opt("", "MDS dataset: a folder (written by `nitro-ar precompute` or the official precompute) or a URL", str)
+    data_streams: List = _opt_factory(list, "instead of data_dir, several MDS streams mixed: JSON list of folders/URLs or "
+                                      "{remote, local, split, proportion|repeat|choose}", _parse_json_list)
+    data_cache_dir: str = _opt("", "local cache folder of remote streams (default: streaming's temporary folder)", str)
+    empty_text: str = _opt("", "empty-prompt embedding file (default: empty_text.safetensors in a local stream folder)", str)
+    text_length: int = _opt(128, "tokens per stored text embedding (text_feat is text_length x caption_channels)", int)
+    shuffle_algo: str = _opt("py1e", "streaming shuffle algorithm (py1e, py1br, py1b, py1s, py2s, naive)", str)
+    num_canonical_nodes: Optional[int] = _opt(None, "streaming canonical nodes: fixes the sample order across node counts "
+                                              "(default: 64, or 1 for datasets under 4096 samples)", int)
+    verify_shards: bool = _opt(True, "check each shard's checksum (or size) when a process first reads it", _parse_bool)
     output_dir: str = _opt("", "where checkpoints and the log go", str)
     model: str = _opt("nitro_ar", "model family: nitro_ar or nitro_e", str)
     mode: str = _opt("pretrain", "pretrain; adversarial (nitro_ar head fine-tuning); distill (nitro_e few-step)", str)
@@ -146,13 +155,11 @@ class TrainConfig:
     projector_dim: int = _opt(2048, "nitro_e: REPA projector width", int)
     z_dims: List = _opt_factory(lambda: [768], "nitro_e: JSON list of REPA target widths (DINOv2 ViT-B/14: [768])", _parse_json_list)
     proj_coeff: float = _opt(0.5, "nitro_e: weight of the REPA loss", float)
-    dino_model: Optional[str] = _opt(None, "nitro_e: local Dinov2Model folder for online REPA features (else the dino_feat column)", str)
     weighting_scheme: str = _opt("logit_normal", "nitro_e: timestep density / loss weighting (logit_normal, mode, uniform, ...)", str)
     mode_scale: float = _opt(1.29, "nitro_e: mode_scale of the 'mode' timestep density", float)
     student_steps: int = _opt(4, "nitro_e distill: sampler steps of the student", int)
     adv_weight: float = _opt(1.0, "nitro_e distill: weight of the adversarial generator loss", float)
     diffusion_weight: float = _opt(1.0, "nitro_e distill: weight of the rectified-flow loss", float)
-    on_bad_shard: str = _opt("error", "error or skip: what to do with unreadable / inconsistent shards", str)
     num_workers: int = _opt(2, "DataLoader worker processes per training process", int)
     save_every: int = _opt(1000, "checkpoint every N optimizer steps (a final one is always written)", int)
     keep_checkpoints: int = _opt(3, "how many step checkpoints to keep (0: all)", int)
@@ -167,7 +174,7 @@ class TrainConfig:
             if not cond:
                 raise ConfigError(message)
 
-        need(bool(self.data_dir), "data_dir is required")
+        need(bool(self.data_dir) != bool(self.data_streams), "give data_dir or data_streams (one of them)")
         need(bool(self.output_dir), "output_dir is required")
         need(self.model in MODELS, f"model must be one of {MODELS}, got {self.model!r}")
         need(self.mode in FAMILIES[self.model].modes,
@@ -175,15 +182,16 @@ class TrainConfig:
         need(self.variant in (None, "gan", "joint_gan"), f"variant must be gan or joint_gan, got {self.variant!r}")
         need(self.model == "nitro_ar" or self.variant is None, "variant applies to nitro_ar models only")
         need(self.mixed_precision in PRECISIONS, f"mixed_precision must be one of {PRECISIONS}, got {self.mixed_precision!r}")
-        need(self.on_bad_shard in ("error", "skip"), f"on_bad_shard must be error or skip, got {self.on_bad_shard!r}")
         for name in ("batch_size", "gradient_accumulation_steps", "max_steps", "save_every", "log_every", "disc_hidden",
-                     "projector_dim", "student_steps"):
+                     "text_length", "projector_dim", "student_steps"):
             need(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("warmup_steps", "keep_checkpoints", "num_workers", "weight_decay", "grad_clip"):
             need(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
         need(self.learning_rate > 0, f"learning_rate must be > 0, got {self.learning_rate}")
         need(0.0 <= self.ema_rate < 1.0, f"ema_rate must be in [0, 1), got {self.ema_rate}")
         need(not (self.init_from and self.model_config), "model_config applies to a new model; init_from fixes the architecture")
+        need(self.num_canonical_nodes is None or self.num_canonical_nodes >= 1,
+             f"num_canonical_nodes must be >= 1, got {self.num_canonical_nodes}")
 
     def objective_settings(self, joint: bool) -> ObjectiveSettings:
         mul = self.diffusion_batch_mul if self.diffusion_batch_mul is not None else (1 if joint else 2)
@@ -232,39 +240,6 @@ def parse_config(argv: Optional[Sequence[str]] = None) -> TrainConfig:
     cfg = TrainConfig(**parsed)
     cfg.validate()
     return cfg
-
-
-# --------------------------------------------------------------------------------------------
-# data order
-# --------------------------------------------------------------------------------------------
-class GlobalBatchSampler:
-    """Index lists of this process's slice of successive global batches, for ever.
-
-    The sample stream is the concatenation of per-epoch permutations (seeded by (seed, epoch));
-    global batch k covers stream positions ``[start + k G, start + (k + 1) G)``, G = local batch
-    x processes, and process r takes the r-th local slice. The data position of a run is the
-    stream position, so resuming continues with exactly the next samples.
-    """
-
-    def __init__(self, num_samples: int, local_batch: int, num_processes: int, process_index: int, seed: int, start: int):
-        self.num_samples, self.local_batch = num_samples, local_batch
-        self.num_processes, self.process_index = num_processes, process_index
-        self.seed, self.start = seed, start
-        self._epoch, self._perm = -1, None
-
-    def _sample(self, position: int) -> int:
-        epoch = position // self.num_samples
-        if epoch != self._epoch:
-            gen = torch.Generator().manual_seed(mix_seed(self.seed, epoch, -2))
-            self._epoch, self._perm = epoch, torch.randperm(self.num_samples, generator=gen)
-        return int(self._perm[position % self.num_samples])
-
-    def __iter__(self) -> Iterator[List[int]]:
-        position = self.start + self.process_index * self.local_batch
-        stride = self.local_batch * self.num_processes
-        while True:
-            yield [self._sample(position + i) for i in range(self.local_batch)]
-            position += stride
 
 
 # --------------------------------------------------------------------------------------------
@@ -367,7 +342,7 @@ def _apply_fast(model: nn.Module, enabled: bool) -> Tuple[nn.Module, bool]:
 class ModelFamily:
     """One model family's side of training; the :class:`Trainer` holds one instance.
 
-    The Trainer calls, in order: :meth:`build_model`, :meth:`check_data`, (device, fast path),
+    The Trainer calls, in order: :meth:`build_model`, :meth:`data_fields`, (device, fast path),
     :meth:`trainable`, then :meth:`objective` (pre-training) or :meth:`adversarial_units`
     (adversarial modes); per micro-batch :meth:`draws` and :meth:`losses` or
     :meth:`generate` / :meth:`score` / :meth:`score_pair`. :meth:`extra_modules` are saved in
@@ -403,14 +378,10 @@ class ModelFamily:
             return model
         return self.new_model()
 
-    def check_data(self, model: nn.Module, dataset) -> None:
-        mcfg = model.config
-        latent = (mcfg.in_channels, mcfg.sample_size, mcfg.sample_size)
-        if tuple(dataset.latent_shape) != latent:
-            raise DatasetError(f"{dataset.root}: latents are {tuple(dataset.latent_shape)} but the model takes {latent}")
-        if dataset.text_shape[-1] != mcfg.caption_channels:
-            raise DatasetError(f"{dataset.root}: text embeddings have {dataset.text_shape[-1]} channels but the model's "
-                               f"caption_channels is {mcfg.caption_channels} (wrong text encoder?)")
+    def data_fields(self, model: nn.Module) -> Tuple[str, ...]:
+        """The dataset fields a batch needs (:data:`nitro_ar.data.FIELDS`); the dataset checks
+        that its columns hold them."""
+        return ("latents", "text")
 
     def default_ema(self, model: nn.Module) -> bool:
         return False
@@ -486,11 +457,8 @@ class NitroARFamily(ModelFamily):
         if not cfg.init_from and cfg.mode == "pretrain" and model.config != self._config():
             raise ConfigError(f"{source} holds a model of another configuration than variant/model_config ask for")
 
-    def check_data(self, model: NitroAR, dataset) -> None:
-        super().check_data(model, dataset)
-        if model.is_joint and not dataset.has_thumbnails:
-            raise DatasetError(f"{dataset.root} has no global-token thumbnails, which joint_gan training needs "
-                               "(rebuild it with `nitro-ar precompute` without --no-thumbnails)")
+    def data_fields(self, model: NitroAR) -> Tuple[str, ...]:
+        return ("latents", "text", "thumbnail") if model.is_joint else ("latents", "text")
 
     def default_ema(self, model: NitroAR) -> bool:
         return self.cfg.mode == "pretrain" and not model.is_joint
@@ -553,7 +521,6 @@ class NitroEFamily(ModelFamily):
         self.repa = cfg.repa_depth >= 0 and cfg.mode == "pretrain"
         self.projectors: Optional[nn.ModuleList] = None
         self._loaded_projectors: Dict[str, torch.Tensor] = {}
-        self.dino = None
         self.generator = None
 
     def _config(self) -> NitroEConfig:
@@ -593,11 +560,9 @@ class NitroEFamily(ModelFamily):
         if self.cfg.model_config and not self.cfg.init_from and model.config != self._config():
             raise ConfigError(f"{source} holds a model of another configuration than model_config asks for")
 
-    def check_data(self, model: NitroE, dataset) -> None:
-        super().check_data(model, dataset)
-        if self.repa and self.cfg.dino_model is None and not getattr(dataset, "has_dino", False):
-            raise DatasetError(f"{dataset.root} has no DINOv2 features (dino_feat), which REPA (repa_depth >= 0) "
-                               "needs: precompute them (nitro_ar.dino) or pass dino_model for online features")
+    def data_fields(self, model: NitroE) -> Tuple[str, ...]:
+        # REPA reads the precomputed DINOv2 features (the dino_feat column, see nitro_ar.dino)
+        return ("latents", "text", "dino") if self.repa else ("latents", "text")
 
     def default_ema(self, model: NitroE) -> bool:
         return False  # official default (stage 2 turns it on)
@@ -611,10 +576,6 @@ class NitroEFamily(ModelFamily):
             if self._loaded_projectors and resume is None:
                 self.projectors.load_state_dict(self._loaded_projectors)
             self.projectors.to(model.device)
-            if self.cfg.dino_model:
-                from .dino import load_dino
-
-                self.dino = load_dino(self.cfg.dino_model, device=model.device)
         return NitroEObjective(model, empty, self.settings, self.projectors)
 
     def objective_params(self) -> List[nn.Parameter]:
@@ -641,19 +602,8 @@ class NitroEFamily(ModelFamily):
         return draw_flow_step(model, self.settings, seed=self.cfg.seed, step=step, positions=positions,
                               distill=self.cfg.mode == "distill")
 
-    def _dino_feat(self, batch):
-        if not self.repa:
-            return None
-        if "dino" in batch:
-            return batch["dino"]
-        if self.dino is not None and "dino_pixels" in batch:
-            from .dino import dino_features
-
-            return dino_features(self.dino, batch["dino_pixels"])
-        raise DatasetError("REPA needs DINOv2 features: the batch has neither 'dino' nor images for dino_model")
-
     def losses(self, objective, batch, draws):
-        return objective(batch["latents"], batch["text"], draws, self._dino_feat(batch))
+        return objective(batch["latents"], batch["text"], draws, batch.get("dino"))
 
     def generate(self, generator, batch, draws):
         fake, diff, text = generator(batch["latents"], batch["text"], draws)
@@ -719,10 +669,9 @@ class Trainer:
             self.ckpt_root.mkdir(parents=True, exist_ok=True)
 
         self.family = family = FAMILIES[cfg.model](cfg)
-        self.dataset = PairDataset(cfg.data_dir, on_bad_shard=cfg.on_bad_shard)
         resume = self._find_resume()
         self.model = family.build_model(resume)
-        family.check_data(self.model, self.dataset)
+        self._build_data()
         self.adversarial = cfg.mode in ADVERSARIAL_MODES
 
         self.model.gradient_checkpointing = cfg.gradient_checkpointing
@@ -734,7 +683,7 @@ class Trainer:
         ids = {id(p) for p in trainable}
         self.model.train()
 
-        empty = self.dataset.empty_text()
+        empty = self.dataset.empty_text(cfg.empty_text or None)["text"]
         if self.adversarial:
             generator, self.discriminator = family.adversarial_units(self.model, empty, resume)
             if resume is not None:
@@ -762,19 +711,16 @@ class Trainer:
 
         self.step = 0
         self.samples_consumed = 0
+        self.global_batch = cfg.batch_size * acc.num_processes
         if resume is not None:
             self._load_training_state(resume)
-        self.global_batch = cfg.batch_size * acc.num_processes
-        sampler = GlobalBatchSampler(len(self.dataset), cfg.batch_size, acc.num_processes, acc.process_index,
-                                     cfg.seed, self.samples_consumed)
-        self.batches = iter(DataLoader(self.dataset, batch_sampler=sampler, num_workers=cfg.num_workers,
-                                       pin_memory=acc.device.type == "cuda", persistent_workers=cfg.num_workers > 0))
         if acc.is_main_process:
             logger.info("training %s %s (%s, %.1fM trainable parameters) on %d process(es), global batch %d x %d "
                         "accumulation, precision %s, %s path; %d samples in %s",
                         cfg.model, family.describe(self.model), cfg.mode, sum(p.numel() for p in trainable) / 1e6,
                         acc.num_processes, self.global_batch, cfg.gradient_accumulation_steps, precision,
-                        "fast" if self.fast_active else "eager", len(self.dataset), cfg.data_dir)
+                        "fast" if self.fast_active else "eager", self.dataset.epoch_size,
+                        cfg.data_dir or f"{len(cfg.data_streams)} streams")
 
     # ------------------------------------------------------------------ construction
     def _adamw(self, params: List[nn.Parameter], lr: float) -> torch.optim.AdamW:
@@ -797,15 +743,83 @@ class Trainer:
             raise CheckpointError(f"cannot resume from {path}: no {STATE_NAME} (not a training checkpoint)")
         return path
 
-    # ------------------------------------------------------------------ steps
+    # ------------------------------------------------------------------ data
+    def _build_data(self) -> None:
+        """The MDS dataset (fields and layout from the model) and this process's loader.
+
+        Streaming orders each epoch's samples as one global sequence (from the shuffle seed,
+        the canonical nodes and the epoch only) and deals it out: sample j of the sequence goes
+        to node j % N, and within a node to rank (j // N) % R; each rank batches its share in
+        order. So global batch k is sequence positions [k G, (k + 1) G) whatever the number of
+        processes, and a local sample's position (used to seed its random draws) follows from
+        its rank (see ``_draws``). An epoch ends with the last full batch of every rank.
+        """
+        from streaming.base.world import World
+
+        cfg, acc, mcfg = self.cfg, self.accelerator, self.model.config
+        streams = make_streams(cfg.data_streams or cfg.data_dir, cache_dir=cfg.data_cache_dir or None)
+        fields = self.family.data_fields(self.model)
+        self.dataset = NitroStreamingDataset(
+            streams, batch_size=cfg.batch_size, resolution=32 * mcfg.sample_size, fields=fields,
+            text_length=cfg.text_length, text_channels=mcfg.caption_channels, latent_channels=mcfg.in_channels,
+            shuffle=True, shuffle_seed=mix_seed(cfg.seed, -2) & 0x7FFFFFFF, shuffle_algo=cfg.shuffle_algo,
+            num_canonical_nodes=cfg.num_canonical_nodes, verify=cfg.verify_shards,
+        )
+        if self.dataset.num_canonical_nodes is None:
+            self.dataset.num_canonical_nodes = 64 if self.dataset.epoch_size >= 4096 else 1
+        world = World.detect()
+        self._ranks_per_node, self._num_nodes = world.ranks_per_node, world.num_nodes
+        self.loader = DataLoader(self.dataset, batch_size=cfg.batch_size, drop_last=True, num_workers=cfg.num_workers,
+                                 pin_memory=acc.device.type == "cuda", persistent_workers=cfg.num_workers > 0)
+        self._batches: Optional[Iterator] = None
+        self.data_epoch, self.data_batches_in_epoch, self._epoch_start = 0, 0, 0
+
+    def _data_state(self) -> dict:
+        """The data position for a checkpoint: streaming's resumption state (epoch and global
+        samples consumed in it) and what the sample order depends on."""
+        state = self.dataset.state_dict(self._epoch_start + self.data_batches_in_epoch * self.global_batch,
+                                        from_beginning=True)
+        state["epoch"] = self.data_epoch
+        return {"streaming": state, "batch_size": self.cfg.batch_size, "num_workers": self.cfg.num_workers}
+
+    def _restore_data_state(self, state: Optional[dict]) -> None:
+        """Continue from a checkpoint's data position (before the first batch is drawn)."""
+        if not state:
+            raise CheckpointError("the checkpoint has no data position (written by an older nitro-ar?)")
+        if state["num_workers"] != self.cfg.num_workers or state["batch_size"] != self.cfg.batch_size:
+            logger.warning("resuming with %d DataLoader workers and batch %d instead of %d and %d: streaming deals "
+                           "samples out by both, so the sample order differs from the uninterrupted run's",
+                           self.cfg.num_workers, self.cfg.batch_size, state["num_workers"], state["batch_size"])
+        streaming = state["streaming"]
+        self.dataset.load_state_dict(streaming)
+        self.data_epoch, self._epoch_start, self.data_batches_in_epoch = int(streaming["epoch"]), int(streaming["sample_in_epoch"]), 0
+
     def _next_batch(self) -> Dict[str, torch.Tensor]:
-        batch = next(self.batches)
+        started_empty = False
+        while True:
+            if self._batches is None:
+                self._batches = iter(self.loader)
+                started_empty = self._epoch_start == 0
+            try:
+                batch = next(self._batches)
+                break
+            except StopIteration:
+                if started_empty and self.data_batches_in_epoch == 0:
+                    raise DatasetError(f"an epoch of {self.dataset.epoch_size} samples holds no full batch of "
+                                       f"{self.cfg.batch_size} per process") from None
+                self._batches = None
+                self.data_epoch, self.data_batches_in_epoch, self._epoch_start = self.data_epoch + 1, 0, 0
+        self.data_batches_in_epoch += 1
         return {k: v.to(self.accelerator.device, non_blocking=True) for k, v in batch.items()}
 
+    # ------------------------------------------------------------------ steps
     def _draws(self, micro: int):
         acc, cfg = self.accelerator, self.cfg
-        base = micro * self.global_batch + acc.process_index * cfg.batch_size
-        return self.family.draws(self.model, self.step, range(base, base + cfg.batch_size)).to(acc.device)
+        # Global sequence position of local sample i (see _build_data): (i R + r) N + n.
+        node, rank = divmod(acc.process_index, self._ranks_per_node)
+        positions = [micro * self.global_batch + (i * self._ranks_per_node + rank) * self._num_nodes + node
+                     for i in range(cfg.batch_size)]
+        return self.family.draws(self.model, self.step, positions).to(acc.device)
 
     def _micro_batches(self, module: nn.Module) -> Iterator[Tuple[Dict[str, torch.Tensor], object, contextlib.AbstractContextManager]]:
         """(batch, draws, gradient-sync context) for each micro-batch of this step; gradients
@@ -972,6 +986,7 @@ class Trainer:
                 "num_processes": acc.num_processes, "model": cfg.model, "mode": cfg.mode,
                 "variant": getattr(model.config, "variant", None),
                 "seed": cfg.seed, **schedulers,
+                "data": self._data_state(),
             }
             (partial / STATE_NAME).write_text(json.dumps(state, indent=2))
             if final.exists():
@@ -1001,6 +1016,7 @@ class Trainer:
             logger.warning("resuming with global batch %d instead of %d: training continues, but not exactly as "
                            "an uninterrupted run would", cfg.batch_size * acc.num_processes, state["global_batch"])
         self.step, self.samples_consumed = int(state["step"]), int(state["samples_consumed"])
+        self._restore_data_state(state.get("data"))
         _load_optimizer(self.optimizer.optimizer, resume, "optimizer")
         self.scheduler.load_state_dict(state["scheduler"])
         if self.adversarial:

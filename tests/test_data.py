@@ -1,5 +1,7 @@
-"""The precomputed-pairs dataset: layout, error reporting, synthetic data, and `precompute`
-with a tiny random Llama text encoder and a tiny random DC-AE (built offline)."""
+"""MDS training data: the official Nitro layout read as a user's prepared dataset would be
+(written here with ``MDSWriter`` as the official precompute does), mixing streams, named errors
+for missing columns and missing / truncated / corrupt shards, exact mid-epoch resumption, the
+synthetic dataset, and `nitro-ar precompute` with a tiny random Llama and DC-AE (built offline)."""
 import json
 import logging
 import os
@@ -7,22 +9,63 @@ import os
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load as load_bytes
-from safetensors.torch import load_file, save_file
+from streaming import MDSWriter
+from torch.utils.data import DataLoader
 
 from nitro_ar.data import (
     EMPTY_TEXT_NAME,
-    INDEX_NAME,
     DatasetError,
-    PairDataset,
-    ShardError,
+    NitroStreamingDataset,
     _load_image,
+    load_empty_text,
+    make_streams,
     make_synthetic_dataset,
     precompute,
     precompute_main,
 )
+from nitro_ar.encoders import SCALING_FACTOR
 
 TEXT_SHAPE = (8, 16)
+OFFICIAL_COLUMNS = {"caption": "str", "jpg": "jpeg", "latents_512": "bytes", "dino_feat": "bytes",
+                    "text_feat": "bytes", "text_mask": "bytes"}
+
+
+def official_rows(n, seed=0, resolution=512):
+    """Rows as the official precompute.py builds them: numpy float16 / int64 ``tobytes()``."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    side = resolution // 32
+    rows = []
+    for i in range(n):
+        mask = np.zeros(128, np.int64)
+        mask[: 5 + i] = 1
+        rows.append({
+            "caption": f"caption {i}",
+            f"latents_{resolution}": rng.standard_normal((32, side, side)).astype(np.float16),
+            "text_feat": rng.standard_normal((128, 2048)).astype(np.float16),
+            "text_mask": mask,
+            "dino_feat": rng.standard_normal((256, 768)).astype(np.float16),
+            "jpg": Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)),
+        })
+    return rows
+
+
+def write_official(root, rows, columns=OFFICIAL_COLUMNS):
+    """An MDS folder written like the official precompute (no checksums, no compression)."""
+    with MDSWriter(out=str(root), columns=columns, compression=None, size_limit=256 * (2 ** 20)) as writer:
+        for row in rows:
+            writer.write({k: (v.tobytes() if isinstance(v, np.ndarray) else v) for k, v in row.items() if k in columns})
+    return root
+
+
+def open_dataset(root, *, batch_size=2, **kw):
+    kw.setdefault("fields", ("latents", "text"))
+    kw.setdefault("text_length", TEXT_SHAPE[0])
+    kw.setdefault("text_channels", TEXT_SHAPE[1])
+    kw.setdefault("num_canonical_nodes", 1)
+    sources = root if isinstance(root, list) else [root]
+    return NitroStreamingDataset(make_streams(sources), batch_size=batch_size, **kw)
 
 
 @pytest.fixture
@@ -31,103 +74,176 @@ def synthetic(tmp_path):
     return make_synthetic_dataset(tmp_path / "data", 10, text_shape=TEXT_SHAPE, shard_size=4)
 
 
-def test_synthetic_dataset_reads_back(synthetic):
-    data = PairDataset(synthetic)
-    assert len(data) == 10 and data.has_thumbnails
-    assert data.latent_shape == (32, 16, 16) and data.text_shape == TEXT_SHAPE
-    shard = load_file(str(synthetic / "shard-00001.safetensors"))
-    item = data[5]  # second sample of the second shard
-    assert torch.equal(item["latents"], shard["latents"][1])
-    assert torch.equal(item["text"], shard["text"][1].float())
-    assert torch.equal(item["thumbnail"], shard["thumbnails"][1])
-    assert item["text"].dtype == torch.float32 and item["thumbnail"].shape == (32, 1, 1)
-    assert data.empty_text().shape == (1, *TEXT_SHAPE)
-    with pytest.raises(IndexError):
-        data[10]
+def captions(loader):
+    return [c for batch in loader for c in batch["caption"]]
 
 
-def test_synthetic_dataset_has_learnable_structure(tmp_path):
-    # Samples of one class share their latent up to 10% noise; the classes differ.
-    root = make_synthetic_dataset(tmp_path / "d", 8, text_shape=TEXT_SHAPE, num_classes=2, shard_size=8)
-    data = PairDataset(root)
-    same = (data[0]["latents"] - data[2]["latents"]).std()
-    other = (data[0]["latents"] - data[1]["latents"]).std()
-    assert same < 0.2 < other
+# --------------------------------------------------------------------------------------------
+# the official layout
+# --------------------------------------------------------------------------------------------
+def test_reads_an_official_dataset(tmp_path):
+    rows = official_rows(3)
+    root = write_official(tmp_path / "official", rows)
+    data = open_dataset(root, fields=("latents", "text", "text_mask", "dino", "caption"), text_length=128,
+                        text_channels=2048, shuffle=False)
+    assert data.num_samples == 3
+    for i, row in enumerate(rows):
+        item = data[i]
+        assert item["caption"] == row["caption"]
+        assert item["latents"].dtype == torch.float32 and item["latents"].shape == (32, 16, 16)
+        # Stored unscaled, as the official writer; served scaled, as the models take them.
+        torch.testing.assert_close(item["latents"], torch.from_numpy(row["latents_512"]).float() * SCALING_FACTOR)
+        assert torch.equal(item["text"], torch.from_numpy(row["text_feat"]).float())
+        assert item["text_mask"].dtype == torch.int64 and torch.equal(item["text_mask"], torch.from_numpy(row["text_mask"]))
+        assert torch.equal(item["dino"], torch.from_numpy(row["dino_feat"]).float())
 
 
-def test_missing_index_is_a_clear_error(tmp_path):
-    with pytest.raises(DatasetError, match="no index.json"):
-        PairDataset(tmp_path)
+def test_reads_1024_px_latents(tmp_path):
+    columns = {"caption": "str", "latents_1024": "bytes", "text_feat": "bytes", "text_mask": "bytes"}
+    rows = official_rows(2, resolution=1024)
+    root = write_official(tmp_path / "official", rows, columns)
+    data = open_dataset(root, resolution=1024, text_length=128, text_channels=2048, shuffle=False)
+    torch.testing.assert_close(data[1]["latents"], torch.from_numpy(rows[1]["latents_1024"]).float() * SCALING_FACTOR)
+    with pytest.raises(DatasetError, match=r"no 'latents_512' column .* the dataset has \['latents_1024'\]"):
+        open_dataset(root, resolution=512, text_length=128, text_channels=2048)
 
 
-def test_corrupt_shard_fails_loudly_with_its_path(synthetic):
-    bad = synthetic / "shard-00001.safetensors"
-    bad.write_bytes(b"\x00garbage" * 50)
-    with pytest.raises(ShardError, match="shard-00001.safetensors") as err:
-        PairDataset(synthetic)
-    assert "unreadable or truncated" in str(err.value)
+def test_missing_columns_are_named(tmp_path):
+    root = write_official(tmp_path / "official", official_rows(2))
+    with pytest.raises(DatasetError, match=r"official: no 'nitro_thumb_latent' column .*joint_gan global token.*"
+                                           r"cannot be derived from the latents"):
+        open_dataset(root, fields=("latents", "text", "thumbnail"), text_length=128, text_channels=2048)
+    no_dino = write_official(tmp_path / "no_dino", official_rows(2), {k: v for k, v in OFFICIAL_COLUMNS.items() if k != "dino_feat"})
+    with pytest.raises(DatasetError, match=r"no 'dino_feat' column .*\(DINOv2 features"):
+        open_dataset(no_dino, fields=("latents", "dino"), text_length=128, text_channels=2048)
 
 
-def test_corrupt_shard_is_skipped_with_a_warning_when_asked(synthetic, caplog):
-    (synthetic / "shard-00001.safetensors").write_bytes(b"not a safetensors file")
-    with caplog.at_level(logging.WARNING, logger="nitro_ar.data"):
-        data = PairDataset(synthetic, on_bad_shard="skip")
-    assert len(data) == 6
-    assert any("shard-00001.safetensors" in r.getMessage() for r in caplog.records)
-    # The samples left are those of shards 0 and 2, in order.
-    assert torch.equal(data[4]["latents"], load_file(str(synthetic / "shard-00002.safetensors"))["latents"][0])
+def test_wrong_byte_layout_is_a_clear_error(tmp_path):
+    rows = official_rows(2)
+    for row in rows:
+        row["text_mask"] = row["text_mask"].astype(np.int32)  # half the bytes
+    root = write_official(tmp_path / "official", rows)
+    data = open_dataset(root, fields=("latents",), text_length=128, text_channels=2048)
+    with pytest.raises(DatasetError, match=r"shard\.00000\.mds: 'text_mask' holds 512 bytes, expected 128 int64 \(1024 bytes\)"):
+        open_dataset(root, fields=("latents", "text_mask"), text_length=128, text_channels=2048)
+    assert data[0]["latents"].shape == (32, 16, 16)
 
 
-def test_truncated_shard_is_reported(synthetic):
-    path = synthetic / "shard-00002.safetensors"
-    blob = path.read_bytes()
-    path.write_bytes(blob[: len(blob) // 2])
-    with pytest.raises(ShardError, match=r"shard-00002\.safetensors.*truncated"):
-        PairDataset(synthetic)
-
-
-def test_missing_text_embedding_is_a_clear_error(synthetic):
-    path = synthetic / "shard-00000.safetensors"
-    tensors = load_file(str(path))
-    del tensors["text"]
-    save_file(tensors, str(path))
-    with pytest.raises(ShardError, match=r"shard-00000\.safetensors: missing the 'text' tensor \(text embeddings\)"):
-        PairDataset(synthetic)
-
-
-def test_missing_empty_prompt_embedding_is_a_clear_error(synthetic):
+def test_empty_text(synthetic, tmp_path):
+    data = open_dataset(synthetic)
+    empty = data.empty_text()
+    assert empty["text"].shape == (1, *TEXT_SHAPE) and empty["text_mask"].shape == (1, TEXT_SHAPE[0])
+    assert torch.equal(data.empty_text(synthetic / EMPTY_TEXT_NAME)["text"], empty["text"])
     os.remove(synthetic / EMPTY_TEXT_NAME)
-    data = PairDataset(synthetic)
-    with pytest.raises(DatasetError, match="empty-prompt text embedding"):
+    with pytest.raises(DatasetError, match="--only-empty-text"):
         data.empty_text()
+    with pytest.raises(DatasetError, match="not found"):
+        load_empty_text(tmp_path / "none.safetensors")
 
 
-def test_shape_mismatch_is_a_clear_error(synthetic):
-    path = synthetic / "shard-00000.safetensors"
-    tensors = load_file(str(path))
-    tensors["latents"] = tensors["latents"][:, :, :8, :8].contiguous()
-    save_file(tensors, str(path))
-    with pytest.raises(ShardError, match=r"'latents' has shape \(4, 32, 8, 8\), expected \(4, 32, 16, 16\)"):
-        PairDataset(synthetic)
+# --------------------------------------------------------------------------------------------
+# streams, order, resumption
+# --------------------------------------------------------------------------------------------
+def test_synthetic_dataset_layout(synthetic):
+    index = json.loads((synthetic / "index.json").read_text())
+    assert [s["samples"] for s in index["shards"]] == [4, 4, 2]
+    assert all(set(s["raw_data"]["hashes"]) == {"sha1", "xxh64"} for s in index["shards"])
+    assert set(index["shards"][0]["column_names"]) == {"caption", "latents_512", "text_feat", "text_mask", "nitro_thumb_latent"}
+    item = open_dataset(synthetic, fields=("latents", "text", "text_mask", "thumbnail"), shuffle=False)[3]
+    assert item["thumbnail"].shape == (32, 1, 1)
+    torch.testing.assert_close(item["thumbnail"][:, 0, 0], item["latents"].mean(dim=(1, 2)), rtol=0, atol=2e-3)
+    assert torch.equal(item["text_mask"], torch.ones(TEXT_SHAPE[0], dtype=torch.int64))
 
 
-def test_sample_count_mismatch_with_index_is_reported(synthetic):
-    index = json.loads((synthetic / INDEX_NAME).read_text())
-    index["shards"][2]["count"] = 3
-    (synthetic / INDEX_NAME).write_text(json.dumps(index))
-    with pytest.raises(ShardError, match=r"shard-00002\.safetensors: 'latents' has shape \(2, "):
-        PairDataset(synthetic)
+def test_epochs_reshuffle_and_see_every_sample(synthetic):
+    data = open_dataset(synthetic, fields=("caption",), shuffle_seed=5)
+    loader = DataLoader(data, batch_size=2, drop_last=True)
+    first, second = captions(loader), captions(loader)
+    assert len(first) == len(second) == 10
+    assert sorted(first) == sorted(second) and first != second
 
 
-def test_non_finite_sample_is_reported_on_read(synthetic):
-    path = synthetic / "shard-00000.safetensors"
-    tensors = load_file(str(path))
-    tensors["latents"][3, 0, 0, 0] = float("nan")
-    save_file(tensors, str(path))
-    data = PairDataset(synthetic)
-    data[2]
-    with pytest.raises(ShardError, match=r"shard-00000\.safetensors: sample 3 has non-finite values in 'latents'"):
-        data[3]
+def test_mid_epoch_resumption_continues_with_the_next_samples(synthetic):
+    straight = DataLoader(open_dataset(synthetic, fields=("caption",), shuffle_seed=5), batch_size=2, drop_last=True)
+    epoch0, epoch1 = captions(straight), captions(straight)
+
+    interrupted = open_dataset(synthetic, fields=("caption",), shuffle_seed=5)
+    batches = iter(DataLoader(interrupted, batch_size=2, drop_last=True))
+    seen = [c for _ in range(2) for c in next(batches)["caption"]]
+    state = interrupted.state_dict(num_samples=len(seen), from_beginning=True)
+
+    resumed = open_dataset(synthetic, fields=("caption",), shuffle_seed=5)
+    resumed.load_state_dict(state)
+    loader = DataLoader(resumed, batch_size=2, drop_last=True)
+    assert seen + captions(loader) == epoch0
+    assert captions(loader) == epoch1
+
+
+def test_worker_processes_read_the_same_order(synthetic):
+    # Order depends on the worker count (streaming deals batches out to workers), so compare
+    # one worker process against the same partition read in the main process.
+    in_main = captions(DataLoader(open_dataset(synthetic, fields=("caption",), shuffle_seed=1), batch_size=2))
+    in_worker = captions(DataLoader(open_dataset(synthetic, fields=("caption",), shuffle_seed=1), batch_size=2, num_workers=1))
+    assert in_worker == in_main and len(in_main) == 10
+
+
+def test_streams_are_mixed(tmp_path):
+    a = make_synthetic_dataset(tmp_path / "a", 6, text_shape=TEXT_SHAPE, num_classes=1, seed=1)
+    b = make_synthetic_dataset(tmp_path / "b", 4, text_shape=TEXT_SHAPE, num_classes=1, seed=2)
+    data = open_dataset([{"local": str(a), "repeat": 2}, str(b)], fields=("latents",))
+    assert data.epoch_size == 16 and list(data.samples_per_stream) == [6, 4]
+    first_a, first_b = data[0]["latents"], data[6]["latents"]
+    rows = [batch["latents"] for batch in DataLoader(data, batch_size=2)]
+    latents = torch.cat(rows)
+    # Each sample of a is a class prototype + noise, so it is close to a's first sample.
+    from_a = ((latents - first_a).flatten(1).norm(dim=1) < (latents - first_b).flatten(1).norm(dim=1)).sum()
+    assert latents.shape[0] == 16 and int(from_a) == 12
+
+
+def test_stream_specs(tmp_path):
+    streams = make_streams(["s3://bucket/data", {"local": str(tmp_path), "proportion": 0.5}], cache_dir=tmp_path / "cache")
+    assert streams[0].remote == "s3://bucket/data" and streams[0].local.startswith(str(tmp_path / "cache"))
+    assert streams[1].local == str(tmp_path) and streams[1].remote is None
+    with pytest.raises(DatasetError, match=r"unknown keys \['weight'\]"):
+        make_streams([{"local": str(tmp_path), "weight": 2}])
+    with pytest.raises(DatasetError, match="no dataset given"):
+        make_streams([])
+    with pytest.raises(DatasetError, match="cannot open the MDS dataset"):
+        open_dataset(tmp_path / "nothing")
+
+
+# --------------------------------------------------------------------------------------------
+# bad shards
+# --------------------------------------------------------------------------------------------
+def test_missing_and_truncated_shards_are_named_when_opening(synthetic):
+    os.remove(synthetic / "shard.00001.mds")
+    blob = (synthetic / "shard.00002.mds").read_bytes()
+    (synthetic / "shard.00002.mds").write_bytes(blob[:-10])
+    with pytest.raises(DatasetError, match=r"2 bad shard\(s\)") as err:
+        open_dataset(synthetic)
+    assert f"{synthetic / 'shard.00001.mds'}: missing" in str(err.value)
+    assert f"{synthetic / 'shard.00002.mds'}: {len(blob) - 10} bytes, the index says {len(blob)}" in str(err.value)
+
+
+def test_corrupt_shard_is_named_on_first_read(synthetic):
+    path = synthetic / "shard.00001.mds"
+    blob = bytearray(path.read_bytes())
+    blob[-5] ^= 0x01
+    path.write_bytes(bytes(blob))
+    data = open_dataset(synthetic, shuffle=False)
+    assert data[0]["latents"].shape == (32, 16, 16)
+    with pytest.raises(DatasetError, match=r"shard\.00001\.mds: xxh64 checksum mismatch"):
+        data[4]
+    loader = DataLoader(open_dataset(synthetic), batch_size=2, num_workers=1)
+    with pytest.raises(DatasetError, match=r"shard\.00001\.mds: xxh64 checksum mismatch"):
+        captions(loader)
+    assert open_dataset(synthetic, shuffle=False, verify=False)[4]["latents"].shape == (32, 16, 16)
+
+
+def test_dataset_without_checksums_is_checked_by_size(tmp_path):
+    root = write_official(tmp_path / "official", official_rows(2))
+    data = open_dataset(root, text_length=128, text_channels=2048)
+    assert data[1]["text"].shape == (128, 2048)
 
 
 # --------------------------------------------------------------------------------------------
@@ -179,62 +295,67 @@ def images(tmp_path):
 
 def _build(images, out, encoders, **kw):
     llama, vae = encoders
-    return precompute(images, out, llama, vae, resolution=64, batch_size=2, shard_size=2, progress=False, **kw)
+    return precompute(images, out, llama, vae, resolution=64, batch_size=2, chunk_size=2, progress=False, **kw)
+
+
+def _read_back(out, **kw):
+    kw.setdefault("fields", ("latents", "text", "text_mask", "thumbnail", "caption"))
+    return open_dataset(out, resolution=64, text_length=128, shuffle=False, **kw)
 
 
 def test_precompute_writes_what_the_encoders_compute(images, tmp_path, encoders):
     from nitro_ar.encoders import LatentCodec, TextEncoder
 
-    out = _build(images, tmp_path / "out", encoders)
-    data = PairDataset(out)
-    assert len(data) == 5 and data.latent_shape == (32, 2, 2) and data.text_shape == (128, 16)
-    assert data.thumbnail_shape == (32, 1, 1)
-    index = json.loads((out / INDEX_NAME).read_text())
-    assert [s["count"] for s in index["shards"]] == [2, 2, 1]
+    out = _build(images, tmp_path / "out", encoders, save_images=True)
+    data = _read_back(out, fields=("latents", "text", "text_mask", "thumbnail", "caption"))
+    assert data.num_samples == 5
+    index = json.loads((out / "index.json").read_text())
+    assert [s["samples"] for s in index["shards"]] == [2, 2, 1]
+    assert [s["raw_data"]["basename"] for s in index["shards"]] == [f"{k:05d}/shard.00000.mds" for k in range(3)]
+    assert set(index["shards"][0]["column_names"]) == {"caption", "latents_64", "text_feat", "text_mask",
+                                                        "nitro_thumb_latent", "jpg"}
 
     text_encoder, codec = TextEncoder.from_pretrained(encoders[0]), LatentCodec.from_pretrained(encoders[1])
     order = ["img0.png", "img1.png", "img2.png", "img3.png", "sub/img4.png"]
     for i, name in enumerate(order):
+        item = data[i]
+        assert item["caption"] == CAPTIONS[i]
         image = _load_image(images / name, 64)
-        assert image.shape == (3, 64, 64)
-        expected = codec.encode(image[None])[0]
-        torch.testing.assert_close(data[i]["latents"], expected, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(item["latents"], codec.encode(image[None])[0], rtol=2e-3, atol=2e-3)
         thumb = torch.nn.functional.interpolate(image[None], size=(32, 32), mode="bicubic", antialias=True).clamp(0, 1)
-        torch.testing.assert_close(data[i]["thumbnail"], codec.encode(thumb)[0], rtol=1e-4, atol=1e-5)
-        text = text_encoder.encode([CAPTIONS[i]]).to(torch.bfloat16).float()[0]
-        torch.testing.assert_close(data[i]["text"], text, rtol=2e-2, atol=2e-2)
-    empty = text_encoder.empty_embedding().to(torch.bfloat16).float()
-    torch.testing.assert_close(data.empty_text(), empty)
-    from safetensors import safe_open
+        torch.testing.assert_close(item["thumbnail"], codec.encode(thumb)[0], rtol=2e-3, atol=2e-3)
+        text = text_encoder.encode([CAPTIONS[i]]).half().float()[0]
+        torch.testing.assert_close(item["text"], text)
+        assert int(item["text_mask"].sum()) == len(CAPTIONS[i].split())
+    empty = data.empty_text()
+    torch.testing.assert_close(empty["text"], text_encoder.empty_embedding().half().float())
+    # The source images (jpg column), read with streaming's own reader.
+    from streaming import StreamingDataset
 
-    with safe_open(str(out / "shard-00002.safetensors"), "pt") as handle:
-        meta = handle.metadata()
-    assert json.loads(meta["captions"]) == [CAPTIONS[4]] and json.loads(meta["sources"]) == ["sub/img4.png"]
+    raw = StreamingDataset(local=str(out), batch_size=1, shuffle=False)[4]
+    assert raw["jpg"].size == (96, 64)
 
 
-def test_precompute_resumes_and_rebuilds_bad_shards(images, tmp_path, encoders, caplog):
+def test_precompute_resumes_and_rebuilds_changed_chunks(images, tmp_path, encoders, caplog):
     out = _build(images, tmp_path / "out", encoders, thumbnails=False)
-    first = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.glob("shard-*")}
+    first = {p.parent.name: p.stat().st_mtime_ns for p in out.glob("0*/shard.*.mds")}
     _build(images, out, encoders, thumbnails=False)
-    assert {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*")} == {k: v[0] for k, v in first.items()}
+    assert {p.parent.name: p.stat().st_mtime_ns for p in out.glob("0*/shard.*.mds")} == first
 
-    os.remove(out / "shard-00001.safetensors")
-    (out / "shard-00002.safetensors").write_bytes(b"truncated")
+    # An interrupted chunk (never renamed into place) is redone; the others are kept.
+    os.rename(out / "00001", out / ".00001.partial")
     with caplog.at_level(logging.WARNING, logger="nitro_ar.data"):
         _build(images, out, encoders, thumbnails=False)
-    assert any("shard-00002.safetensors" in r.getMessage() for r in caplog.records)
-    assert (out / "shard-00000.safetensors").stat().st_mtime_ns == first["shard-00000.safetensors"][0]
-    for name in ("shard-00001.safetensors", "shard-00002.safetensors"):
-        rebuilt = load_file(str(out / name))
-        assert torch.equal(rebuilt["latents"], load_bytes(first[name][1])["latents"])
-    data = PairDataset(out)
-    assert len(data) == 5 and not data.has_thumbnails
+    assert (out / "00000" / "shard.00000.mds").stat().st_mtime_ns == first["00000"]
+    assert (out / "00001" / "shard.00000.mds").stat().st_mtime_ns != first["00001"]
+    assert not (out / ".00001.partial").exists()
+    assert _read_back(out, fields=("latents",)).num_samples == 5
 
-
-def test_precompute_settings_change_rebuilds(images, tmp_path, encoders):
-    out = _build(images, tmp_path / "out", encoders, thumbnails=False)
-    _build(images, out, encoders, thumbnails=True)
-    assert PairDataset(out).has_thumbnails
+    # Other settings: every chunk is rebuilt, with a warning naming it.
+    with caplog.at_level(logging.WARNING, logger="nitro_ar.data"):
+        _build(images, out, encoders, thumbnails=True)
+    assert any("00002" in r.getMessage() for r in caplog.records)
+    assert _read_back(out).num_samples == 5
 
 
 def test_precompute_missing_caption_is_a_clear_error(images, tmp_path, encoders):
@@ -247,9 +368,14 @@ def test_precompute_command_line(images, tmp_path, encoders):
     llama, vae = encoders
     out = tmp_path / "cli"
     argv = [str(images), str(out), "--text-encoder", str(llama), "--vae", str(vae), "--resolution", "64",
-            "--shard-size", "4", "--no-thumbnails", "--text-dtype", "float32"]
+            "--chunk-size", "4", "--no-thumbnails"]
     assert precompute_main(argv) == 0
-    data = PairDataset(out)
-    assert len(data) == 5 and not data.has_thumbnails
-    assert load_file(str(out / "shard-00000.safetensors"))["text"].dtype == torch.float32
+    data = _read_back(out, fields=("latents", "text"))
+    assert data.num_samples == 5
+    with pytest.raises(DatasetError, match="nitro_thumb_latent"):
+        _read_back(out, fields=("thumbnail",))
     assert precompute_main([str(tmp_path / "nothing"), str(out), "--text-encoder", str(llama), "--vae", str(vae)]) == 1
+
+    official = tmp_path / "official"
+    assert precompute_main(["--only-empty-text", str(official), "--text-encoder", str(llama)]) == 0
+    assert load_empty_text(official / EMPTY_TEXT_NAME, (128, 16))["text_mask"].shape == (1, 128)

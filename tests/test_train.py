@@ -1,7 +1,7 @@
 """Training: the official objective (checked against an independent transcription of the
-official loss), the Accelerate loop (loss drop, exact resume after a kill, two processes vs one,
-gradient accumulation, EMA, the fast path and its fallback), adversarial head fine-tuning, and
-clear errors for data that does not fit."""
+official loss), the Accelerate loop over MDS data (loss drop, exact resume after a kill across
+epochs, two processes vs one, gradient accumulation, EMA, the fast path and its fallback),
+adversarial head fine-tuning, and clear errors for data that does not fit."""
 import dataclasses
 import json
 import logging
@@ -65,7 +65,7 @@ def train_args(data, out, **settings):
     """Command-line flags of a quick CPU run; ``settings`` override (None removes a flag)."""
     flags = {"data_dir": data, "output_dir": out, "batch_size": 4, "max_steps": 3, "learning_rate": 1e-3,
              "warmup_steps": 0, "num_workers": 0, "progress": "false", "save_every": 1000,
-             "model_config": json.dumps(MODEL)}
+             "text_length": TEXT_SHAPE[0], "model_config": json.dumps(MODEL)}
     flags.update(settings)
     args = []
     for key, value in flags.items():
@@ -326,7 +326,9 @@ def test_ema_and_checkpoint_layout(data_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_resume_after_a_kill_matches_the_straight_run(data_dir, tmp_path):
+def test_resume_after_a_kill_matches_the_straight_run(tmp_path):
+    # 20 samples, 5 batches an epoch: the 8 steps cross an epoch boundary, the kill is mid-epoch.
+    data_dir = make_synthetic_dataset(tmp_path / "data", 20, text_shape=TEXT_SHAPE, shard_size=8)
     # Straight: 8 steps in one go.
     straight = tmp_path / "straight"
     assert main(train_args(data_dir, straight, max_steps=8)) == 0
@@ -361,6 +363,9 @@ def test_resume_after_a_kill_matches_the_straight_run(data_dir, tmp_path):
                             rtol=1e-6, atol=1e-7)
     for name in ("optimizer.json",):
         assert json.loads((checkpoint(killed, 8) / name).read_text()) == json.loads((checkpoint(straight, 8) / name).read_text())
+    resumed = json.loads((checkpoint(killed, 8) / "state.json").read_text())["data"]
+    assert resumed == json.loads((checkpoint(straight, 8) / "state.json").read_text())["data"]
+    assert resumed["streaming"]["epoch"] == 1 and resumed["streaming"]["sample_in_epoch"] == 12
 
 
 def _free_port() -> int:
@@ -482,7 +487,8 @@ def test_adversarial_mode_needs_a_trained_model(data_dir, tmp_path):
 
 def test_text_width_mismatch_is_a_clear_error(tmp_path, caplog):
     data = make_synthetic_dataset(tmp_path / "d", 4, text_shape=(16, 32), shard_size=4)
-    with pytest.raises(DatasetError, match="32 channels but the model's caption_channels is 48"):
+    with pytest.raises(DatasetError, match=r"shard\.00000\.mds: 'text_feat' holds 16 x 32 .* expected 16 x 48 \(the model's "
+                                           r"caption_channels"):
         Trainer(_one_step_config(data, tmp_path / "o"))
     with caplog.at_level(logging.ERROR, logger="nitro_ar.train"):
         assert main(train_args(data, tmp_path / "o", max_steps=1)) == 2
@@ -491,20 +497,27 @@ def test_text_width_mismatch_is_a_clear_error(tmp_path, caplog):
 
 def test_latent_shape_mismatch_is_a_clear_error(tmp_path):
     data = make_synthetic_dataset(tmp_path / "d", 4, latent_shape=(32, 8, 8), text_shape=TEXT_SHAPE, shard_size=4)
-    with pytest.raises(DatasetError, match=r"latents are \(32, 8, 8\) but the model takes \(32, 16, 16\)"):
+    with pytest.raises(DatasetError, match=r"no 'latents_512' column .* the dataset has \['latents_256'\]"):
         Trainer(_one_step_config(data, tmp_path / "o"))
 
 
 def test_joint_training_needs_thumbnails(tmp_path):
     data = make_synthetic_dataset(tmp_path / "d", 4, text_shape=TEXT_SHAPE, thumbnails=False, shard_size=4)
-    with pytest.raises(DatasetError, match="no global-token thumbnails"):
+    with pytest.raises(DatasetError, match="no 'nitro_thumb_latent' column .*joint_gan global token"):
         Trainer(_one_step_config(data, tmp_path / "o", variant="joint_gan"))
 
 
-def test_corrupt_shard_stops_training_unless_skipped(tmp_path):
+def test_missing_or_corrupt_shard_is_a_named_error(tmp_path, caplog):
     data = make_synthetic_dataset(tmp_path / "d", 8, text_shape=TEXT_SHAPE, shard_size=4)
-    (data / "shard-00001.safetensors").write_bytes(b"\x00" * 64)
-    with pytest.raises(DatasetError, match="shard-00001.safetensors"):
-        Trainer(_one_step_config(data, tmp_path / "o"))
-    trainer = Trainer(_one_step_config(data, tmp_path / "o", on_bad_shard="skip"))
-    assert len(trainer.dataset) == 4
+    shard = data / "shard.00001.mds"
+    blob = bytearray(shard.read_bytes())
+    blob[-3] ^= 0xFF  # same size, other bytes: only the checksum sees it
+    shard.write_bytes(bytes(blob))
+    trainer = Trainer(_one_step_config(data, tmp_path / "o"))
+    with pytest.raises(DatasetError, match=r"shard\.00001\.mds: xxh64 checksum mismatch"):
+        for _ in range(2):
+            trainer.train_step()
+    shard.unlink()
+    with caplog.at_level(logging.ERROR, logger="nitro_ar.train"):
+        assert main(train_args(data, tmp_path / "o2", max_steps=1)) == 2
+    assert any("shard.00001.mds: missing" in r.getMessage() for r in caplog.records)
