@@ -6,7 +6,8 @@ What the official Nitro-E code computes (``train.py``, ``datasets/prepare/precom
 (shorter side 512, bilinear), centre-cropped to 512, resized to 224 x 224 (bicubic), scaled to
 [0, 1] and normalised with the ImageNet mean and std; the features are the final-LayerNorm
 patch tokens (``x_norm_patchtokens``): (B, 256, 768), stored in the MDS ``dino_feat`` column as
-float16 bytes of one (256, 768) array per sample.
+float16 bytes of one (256, 768) array per sample (:func:`precompute_dino_feat` adds the column to
+a dataset that has the images).
 
 ``Dinov2Model``'s ``last_hidden_state`` is the same final LayerNorm output ([CLS] first), and
 with the table resampled to the input's grid, ``transformers`` uses it as is (its own on-the-fly
@@ -35,6 +36,7 @@ __all__ = [
     "dino_features",
     "dino_feat_to_bytes",
     "dino_feat_from_bytes",
+    "precompute_dino_feat",
 ]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -125,3 +127,72 @@ def dino_feat_from_bytes(data: bytes, tokens: int = DINO_GRID**2, dim: int = 768
     if len(data) != tokens * dim * 2:
         raise InvalidArgumentError(f"dino_feat of {len(data)} bytes: expected {tokens} x {dim} float16 = {tokens * dim * 2}")
     return torch.from_numpy(np.frombuffer(data, dtype=np.float16).copy()).reshape(tokens, dim).float()
+
+
+def precompute_dino_feat(
+    src_dir: Union[str, Path],
+    out_dir: Union[str, Path],
+    dino_path: Union[str, Path],
+    *,
+    batch_size: int = 32,
+    device=None,
+    dtype: torch.dtype = torch.float32,
+) -> Path:
+    """Copy a local MDS dataset that has images (the ``jpg`` column) into ``out_dir`` with the
+    ``dino_feat`` column added: one float16 (256, D) array of DINOv2 patch features per sample,
+    as the official ``precompute.py --dino_model`` (which, unlike this function, stores the
+    whole batch's features in every sample unless its batch size is 1). Every other column
+    and ``empty_text.safetensors`` are kept. The dataset is written into a hidden sibling
+    folder and renamed when complete, so an interrupted run leaves no partial dataset.
+    Returns ``out_dir``.
+    """
+    import json
+    import os
+    import shutil
+
+    from streaming.base.format import reader_from_json
+
+    from .data import DINO_FEAT, EMPTY_TEXT_NAME, JPG, _writer
+    from .errors import DatasetError
+
+    src, out = Path(src_dir), Path(out_dir)
+    if out.exists():
+        raise invalid("out_dir", str(out), "a folder that does not exist yet", DatasetError)
+    try:
+        index = json.loads((src / "index.json").read_text())
+        shards = index["shards"]
+        columns = dict(zip(shards[0]["column_names"], shards[0]["column_encodings"]))
+    except (OSError, ValueError, KeyError, IndexError) as err:
+        raise DatasetError(f"{src}: not a local MDS dataset (index.json: {err})") from err
+    if JPG not in columns:
+        raise DatasetError(f"{src}: no {JPG!r} column (images) to compute DINOv2 features from; its columns: {sorted(columns)}")
+    if DINO_FEAT in columns:
+        raise DatasetError(f"{src} already has a {DINO_FEAT!r} column")
+    model = load_dino(dino_path, device=device, dtype=dtype)
+    partial = out.parent / f".{out.name}.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+
+    def flush(rows, writer):
+        feats = dino_feat_to_bytes(dino_features(model, dino_pixels([row[JPG] for row in rows])))
+        for row, feat in zip(rows, feats):
+            writer.write({**row, DINO_FEAT: feat})
+        rows.clear()
+
+    try:
+        with _writer(partial, {**columns, DINO_FEAT: "bytes"}) as writer:
+            pending: list = []
+            for shard in shards:
+                reader = reader_from_json(str(src), None, shard)
+                for i in range(reader.samples):
+                    pending.append(reader.get_item(i))
+                    if len(pending) == batch_size:
+                        flush(pending, writer)
+            if pending:
+                flush(pending, writer)
+        if (src / EMPTY_TEXT_NAME).is_file():
+            shutil.copy2(src / EMPTY_TEXT_NAME, partial / EMPTY_TEXT_NAME)
+        os.replace(partial, out)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    return out
