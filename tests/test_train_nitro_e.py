@@ -450,3 +450,17 @@ def test_bad_settings_are_config_errors(data_dir, tmp_path):
     with pytest.raises(ConfigError, match="init_from"):
         Trainer(parse_config(train_args(data_dir, tmp_path, mode="distill")))
     assert main(train_args(data_dir, tmp_path / "x", weighting_scheme="bogus")) == 2
+
+
+def test_example_configs_are_the_official_stages():
+    root = Path(__file__).resolve().parents[1] / "configs"
+    one, two, distill = (parse_config([str(root / f"nitro_e_{name}.yaml")]) for name in ("stage1", "stage2", "distill"))
+    # default_config.yaml + emmdit_512train_step1.yaml
+    assert (one.model, one.mode, one.repa_depth, one.projector_dim, one.z_dims, one.proj_coeff) == ("nitro_e", "pretrain", 8, 2048, [768], 0.5)
+    assert (one.learning_rate, one.grad_clip, one.ema, one.max_steps, one.batch_size, one.warmup_steps) == (3e-4, 0.5, False, 100000, 256, 500)
+    assert (one.weight_decay, one.adam_eps, one.text_dropout, one.text_length, one.mixed_precision) == (0.03, 1e-10, 0.1, 128, "bf16")
+    assert (one.weighting_scheme, one.logit_mean, one.logit_std, one.mode_scale) == ("logit_normal", 0.0, 1.0, 1.29)
+    # + emmdit_512train_step2.yaml
+    assert (two.repa_depth, two.learning_rate, two.grad_clip, two.ema, two.ema_rate, two.max_steps) == (-1, 1e-4, 1.0, True, 0.9999, 50000)
+    assert two.init_from and two.data_streams == one.data_streams
+    assert (distill.mode, distill.student_steps, distill.max_steps) == ("distill", 4, 20000)
