@@ -37,13 +37,20 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from .checkpoint import CheckpointError, read_state_dict, write_safetensors_atomic, write_text_atomic
-from .config import NitroARConfig
+from .checkpoint import (
+    CheckpointError,
+    check_state_dict,
+    infer_config,
+    read_state_dict,
+    resolve_checkpoint,
+    write_safetensors_atomic,
+    write_text_atomic,
+)
+from .config import NitroARConfig, NitroEConfig
 from .data import DatasetError, NitroStreamingDataset, make_streams
 from .errors import ConfigError
 from .nitro_ar_model import NitroAR
 from .nitro_e_model import NitroE
-from .config import NitroEConfig
 from .objectives import (
     HeadGenerator,
     MaskedARObjective,
@@ -537,23 +544,16 @@ class NitroEFamily(ModelFamily):
     def load_state(self, source: Path) -> NitroE:
         """A saved model, or an official file; an official stage-1 file's ``projectors.*``
         are kept for REPA (and dropped without it, as the official stage 2 does)."""
-        from .checkpoint import resolve_checkpoint
         from .objectives_nitro_e import split_projector_state
 
         file, saved = resolve_checkpoint(source, "nitro_e")
         state, self._loaded_projectors = split_projector_state(read_state_dict(file))
-        config = NitroEConfig.from_dict(saved) if saved is not None else (self._config() if self.cfg.model_config else None)
-        if config is None:
-            from .checkpoint import infer_config
-
-            config = infer_config(state)
+        config = NitroEConfig.from_dict(saved) if saved is not None else infer_config(state)
         with torch.device("meta"):
             model = NitroE(config)
-        from .checkpoint import check_state_dict, _materialise_buffers
-
         check_state_dict(model, state, source=str(file))
         model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True, assign=True)
-        _materialise_buffers(model, torch.device("cpu"), torch.float32)
+        model.build_buffers(torch.device("cpu"), torch.float32)
         return model
 
     def check_model(self, model: NitroE, source: Path) -> None:
