@@ -464,3 +464,33 @@ def test_example_configs_are_the_official_stages():
     assert (two.repa_depth, two.learning_rate, two.grad_clip, two.ema, two.ema_rate, two.max_steps) == (-1, 1e-4, 1.0, True, 0.9999, 50000)
     assert two.init_from and two.data_streams == one.data_streams
     assert (distill.mode, distill.student_steps, distill.max_steps) == ("distill", 4, 20000)
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_process_with_the_doubled_batch(data_dir, tmp_path):
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    two = tmp_path / "two"
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+               "-m", "nitro_ar.train", *train_args(data_dir, two, batch_size=2, max_steps=2, **REPA)]
+    done = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert json.loads((checkpoint(two, 2) / "state.json").read_text())["num_processes"] == 2
+    one = tmp_path / "one"
+    assert main(train_args(data_dir, one, batch_size=4, max_steps=2, **REPA)) == 0
+    log_two, log_one = read_log(two), read_log(one)
+    for step in (1, 2):
+        for key in ("loss", "proj_loss"):
+            assert log_two[step][key] == pytest.approx(log_one[step][key], rel=1e-5, abs=1e-6), (step, key)
+    for part in ("model/model.safetensors", "projectors.safetensors"):
+        a, b = read_state_dict(checkpoint(two, 2) / part), read_state_dict(checkpoint(one, 2) / part)
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
