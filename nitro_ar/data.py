@@ -311,6 +311,10 @@ class NitroStreamingDataset(StreamingDataset):
         self._background_error: Optional[BaseException] = None
         self._check_columns()
         self._check_local_files()
+        unchecked = sum(not any(a in info.raw.hashes for a in VERIFY_ORDER) for info in self._infos)
+        if verify and unchecked:
+            logger.info("%d of %d shards have no checksum in their index (written without hashes, as the official "
+                        "precompute does): they are checked by size only", unchecked, len(self._infos))
         for stream_id in range(self.num_streams):
             self.get_item(int(self.sample_offset_per_stream[stream_id]))  # layout of each stream's first sample
 
@@ -387,20 +391,24 @@ class NitroStreamingDataset(StreamingDataset):
             raise DatasetError(f"shard {path}: cannot read sample {sample_id} ({err})") from err
         return self._decode(row, path)
 
-    def _array(self, row: dict, column: str, dtype, shape: Tuple[int, ...], path: str) -> torch.Tensor:
+    @staticmethod
+    def _numpy(row: dict, column: str, dtype, shape: Tuple[int, ...], path: str) -> np.ndarray:
         data = row[column]
         want = int(np.prod(shape)) * np.dtype(dtype).itemsize
         if not isinstance(data, (bytes, bytearray, memoryview)) or len(data) != want:
             got = f"{len(data)} bytes" if isinstance(data, (bytes, bytearray, memoryview)) else type(data).__name__
             raise DatasetError(f"shard {path}: {column!r} holds {got}, expected {' x '.join(map(str, shape))} "
                                f"{np.dtype(dtype).name} ({want} bytes)")
-        return torch.from_numpy(np.frombuffer(data, dtype=dtype).copy()).reshape(shape)
+        return np.frombuffer(data, dtype=dtype).reshape(shape)
 
     def _float(self, row: dict, column: str, shape: Tuple[int, ...], path: str, scale: float = 1.0) -> torch.Tensor:
-        value = self._array(row, column, np.float16, shape, path).float()
-        if not torch.isfinite(value).all():
+        # numpy, single-threaded: cheaper than torch ops in DataLoader workers.
+        value = self._numpy(row, column, np.float16, shape, path).astype(np.float32)
+        if not np.isfinite(value).all():
             raise DatasetError(f"shard {path}: non-finite values in {column!r}")
-        return value * scale if scale != 1.0 else value
+        if scale != 1.0:
+            value *= np.float32(scale)
+        return torch.from_numpy(value)
 
     @staticmethod
     def _check_width(row: dict, column: str, other: int, want: int, path: str, what: str) -> None:
@@ -424,7 +432,7 @@ class NitroStreamingDataset(StreamingDataset):
                                   "caption_channels; wrong text encoder, or another text_length?)")
                 item["text"] = self._float(row, TEXT_FEAT, self.text_shape, path)
             elif field_name == "text_mask":
-                item["text_mask"] = self._array(row, TEXT_MASK, np.int64, (length,), path)
+                item["text_mask"] = torch.from_numpy(self._numpy(row, TEXT_MASK, np.int64, (length,), path).copy())
             elif field_name == "thumbnail":
                 item["thumbnail"] = self._float(row, THUMB_LATENT, (channels, 1, 1), path, self.scaling_factor)
             elif field_name == "dino":
@@ -499,7 +507,7 @@ def make_synthetic_dataset(
     text = class_text[labels] + 0.1 * torch.randn(num_samples, *text_shape, generator=gen)
     features = torch.randn(num_samples, *DINO_SHAPE, generator=gen) if dino else None
 
-    rows = [encode_sample(f"class {int(labels[i]):03d}", latents[i], text=text[i],
+    rows = [encode_sample(f"sample {i:06d} of class {int(labels[i]):03d}", latents[i], text=text[i],
                           thumbnail=latents[i].mean(dim=(1, 2), keepdim=True) if thumbnails else None,
                           dino=None if features is None else features[i])
             for i in range(num_samples)]

@@ -780,16 +780,15 @@ class Trainer:
         state = self.dataset.state_dict(self._epoch_start + self.data_batches_in_epoch * self.global_batch,
                                         from_beginning=True)
         state["epoch"] = self.data_epoch
-        return {"streaming": state, "batch_size": self.cfg.batch_size, "num_workers": self.cfg.num_workers}
+        return {"streaming": state, "batch_size": self.cfg.batch_size}
 
     def _restore_data_state(self, state: Optional[dict]) -> None:
         """Continue from a checkpoint's data position (before the first batch is drawn)."""
         if not state:
             raise CheckpointError("the checkpoint has no data position (written by an older nitro-ar?)")
-        if state["num_workers"] != self.cfg.num_workers or state["batch_size"] != self.cfg.batch_size:
-            logger.warning("resuming with %d DataLoader workers and batch %d instead of %d and %d: streaming deals "
-                           "samples out by both, so the sample order differs from the uninterrupted run's",
-                           self.cfg.num_workers, self.cfg.batch_size, state["num_workers"], state["batch_size"])
+        if state["batch_size"] != self.cfg.batch_size:
+            logger.warning("resuming with batch %d per process instead of %d: streaming deals samples out by it, so "
+                           "the sample order differs from the uninterrupted run's", self.cfg.batch_size, state["batch_size"])
         streaming = state["streaming"]
         self.dataset.load_state_dict(streaming)
         self.data_epoch, self._epoch_start, self.data_batches_in_epoch = int(streaming["epoch"]), int(streaming["sample_in_epoch"]), 0
