@@ -1,5 +1,10 @@
-"""Nitro-AR training on Hugging Face Accelerate: masked AR pre-training and adversarial head
-fine-tuning (see :mod:`nitro_ar.objectives` for the losses, :mod:`nitro_ar.data` for the data).
+"""Training on Hugging Face Accelerate for both model families (``model: nitro_ar | nitro_e``).
+
+Nitro-AR: masked AR pre-training and adversarial head fine-tuning (:mod:`nitro_ar.objectives`).
+Nitro-E: the official rectified-flow pre-training with REPA and few-step adversarial
+distillation (:mod:`nitro_ar.objectives_nitro_e`). What differs between the families lives in
+one :class:`ModelFamily` subclass each; the loop, optimizers, EMA, checkpoints and resume are
+shared. Data: :mod:`nitro_ar.data`.
 
 Usage::
 
@@ -9,7 +14,7 @@ Usage::
 Every :class:`TrainConfig` field is a YAML key and a ``--flag`` (underscores become dashes);
 flags override the file. Data parallelism (DDP) is Accelerate's: each process reads its slice
 of every global batch. Checkpoints (``OUTPUT_DIR/checkpoints/step-XXXXXXXX``) hold the model in
-the project's layout (``model/``: ``NitroAR.from_pretrained`` loads it), the EMA weights
+the project's layout (``model/``: ``NitroAR`` / ``NitroE.from_pretrained`` loads it), the EMA weights
 (``ema/``) when on, the optimizer(s), learning-rate schedule(s), per-process RNG states and
 the data position; ``checkpoints/latest`` names the newest. A run resumes from it by default
 and continues exactly as if it had not stopped.
@@ -39,13 +44,14 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from .checkpoint import CheckpointError, read_state_dict
-from .config import NitroARConfig
+from .checkpoint import CheckpointError, check_state_dict, infer_config, read_state_dict, resolve_checkpoint
+from .config import NitroARConfig, NitroEConfig
 from .data import DatasetError, NitroStreamingDataset, make_streams
 from .errors import ConfigError, NitroARError, TrainingError
 from .io import commit_dir, sweep_stale, write_json_atomic, write_safetensors_atomic, write_text_atomic
 from .kernels import atomic_files
 from .nitro_ar_model import NitroAR
+from .nitro_e_model import NitroE
 from .objectives import (
     HeadGenerator,
     MaskedARObjective,
@@ -64,7 +70,9 @@ logger = logging.getLogger("nitro_ar.train")
 
 __all__ = ["TrainConfig", "ConfigError", "TrainingError", "Trainer", "parse_config", "main"]
 
-MODES = ("pretrain", "adversarial", "shortcut")
+MODELS = ("nitro_ar", "nitro_e")
+MODES = ("pretrain", "adversarial", "shortcut", "distill")
+ADVERSARIAL_MODES = ("adversarial", "distill")
 PRECISIONS = ("auto", "no", "bf16")
 LATEST = "latest"
 STATE_NAME = "state.json"
@@ -109,7 +117,8 @@ def _parse_json_dict(text) -> dict:
 
 @dataclass
 class TrainConfig:
-    """Settings of a training run (defaults: the released Nitro-AR ``gan`` config)."""
+    """Settings of a training run (defaults: the released Nitro-AR ``gan`` config; the Nitro-E
+    keys default to the official ``configs/default_config.yaml``)."""
 
     data_dir: str = _opt("", "MDS dataset: a folder (written by `nitro-ar precompute` or the official precompute) or a URL", str)
     data_streams: List = _opt_factory(list, "instead of data_dir, several MDS streams mixed: JSON list of folders/URLs or "
@@ -122,10 +131,11 @@ class TrainConfig:
                                               "(default: 64, or 1 for datasets under 4096 samples)", int)
     verify_shards: bool = _opt(True, "check each shard's checksum (or size) when a process first reads it", _parse_bool)
     output_dir: str = _opt("", "where checkpoints and the log go", str)
-    mode: str = _opt("pretrain", "pretrain (masked AR flow matching), adversarial (head fine-tuning) or shortcut "
-                     "(FAR shortcut heads; from scratch, or from a flow-matching model with init_from)", str)
+    model: str = _opt("nitro_ar", "model family: nitro_ar or nitro_e", str)
+    mode: str = _opt("pretrain", "pretrain; adversarial (nitro_ar head fine-tuning); shortcut (nitro_ar FAR shortcut heads: "
+                     "from scratch, or from a flow-matching model with init_from); distill (nitro_e few-step)", str)
     variant: Optional[str] = _opt(None, "gan or joint_gan for a new model (default gan; init_from fixes it otherwise)", str)
-    model_config: Dict = _opt_factory(dict, "JSON object of NitroARConfig overrides for a new model", _parse_json_dict)
+    model_config: Dict = _opt_factory(dict, "JSON object of NitroARConfig / NitroEConfig overrides for a new model", _parse_json_dict)
     init_from: Optional[str] = _opt(None, "checkpoint to start from (required for adversarial mode)", str)
     seed: int = _opt(0, "seed of the model init, data order and every random draw", int)
     batch_size: int = _opt(32, "samples per process and micro-batch", int)
@@ -156,6 +166,15 @@ class TrainConfig:
     adv_head_steps: Optional[int] = _opt(None, "adversarial: head Euler steps (default: the model's, 3 gan / 6 joint_gan)", int)
     disc_learning_rate: Optional[float] = _opt(None, "adversarial: discriminator learning rate (default: learning_rate)", float)
     disc_hidden: int = _opt(256, "adversarial: width of the discriminator MLP", int)
+    repa_depth: int = _opt(-1, "nitro_e: REPA on when >= 0 (official stage 1: 8; aligned after block group 0, as officially)", int)
+    projector_dim: int = _opt(2048, "nitro_e: REPA projector width", int)
+    z_dims: List = _opt_factory(lambda: [768], "nitro_e: JSON list of REPA target widths (DINOv2 ViT-B/14: [768])", _parse_json_list)
+    proj_coeff: float = _opt(0.5, "nitro_e: weight of the REPA loss", float)
+    weighting_scheme: str = _opt("logit_normal", "nitro_e: timestep density / loss weighting (logit_normal, mode, uniform, ...)", str)
+    mode_scale: float = _opt(1.29, "nitro_e: mode_scale of the 'mode' timestep density", float)
+    student_steps: int = _opt(4, "nitro_e distill: sampler steps of the student", int)
+    adv_weight: float = _opt(1.0, "nitro_e distill: weight of the adversarial generator loss", float)
+    diffusion_weight: float = _opt(1.0, "nitro_e distill: weight of the rectified-flow loss", float)
     num_workers: int = _opt(2, "DataLoader worker processes per training process", int)
     save_every: int = _opt(1000, "checkpoint every N optimizer steps (a final one is always written)", int)
     keep_checkpoints: int = _opt(3, "how many step checkpoints to keep (0: all)", int)
@@ -173,11 +192,14 @@ class TrainConfig:
 
         need(bool(self.data_dir) != bool(self.data_streams), "give data_dir or data_streams (one of them)")
         need(bool(self.output_dir), "output_dir is required")
-        need(self.mode in MODES, f"mode must be one of {MODES}, got {self.mode!r}")
+        need(self.model in MODELS, f"model must be one of {MODELS}, got {self.model!r}")
+        need(self.mode in FAMILIES[self.model].modes,
+             f"mode must be one of {FAMILIES[self.model].modes} for {self.model}, got {self.mode!r}")
         need(self.variant in (None, "gan", "joint_gan"), f"variant must be gan or joint_gan, got {self.variant!r}")
+        need(self.model == "nitro_ar" or self.variant is None, "variant applies to nitro_ar models only")
         need(self.mixed_precision in PRECISIONS, f"mixed_precision must be one of {PRECISIONS}, got {self.mixed_precision!r}")
         for name in ("batch_size", "gradient_accumulation_steps", "max_steps", "save_every", "log_every", "disc_hidden",
-                     "text_length"):
+                     "text_length", "projector_dim", "student_steps"):
             need(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("warmup_steps", "keep_checkpoints", "num_workers", "weight_decay", "grad_clip"):
             need(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
@@ -344,7 +366,7 @@ class EMA:
             self.shadow[name].copy_(state[name])
 
 
-def _apply_fast(model: NitroAR, enabled: bool) -> Tuple[NitroAR, bool]:
+def _apply_fast(model: nn.Module, enabled: bool) -> Tuple[nn.Module, bool]:
     """The model through ``nitro_ar.fast.accelerate``, or the eager model (with one log line)
     when the fast path is off, missing, or fails for this model."""
     if not enabled:
@@ -360,6 +382,310 @@ def _apply_fast(model: NitroAR, enabled: bool) -> Tuple[NitroAR, bool]:
         logger.warning("nitro_ar.fast.accelerate failed for this model (%s: %s); training on the eager reference",
                        type(err).__name__, err)
         return model, False
+
+
+# --------------------------------------------------------------------------------------------
+# model families: what differs between Nitro-AR and Nitro-E training
+# --------------------------------------------------------------------------------------------
+class ModelFamily:
+    """One model family's side of training; the :class:`Trainer` holds one instance.
+
+    The Trainer calls, in order: :meth:`build_model`, :meth:`data_fields`, (device, fast path),
+    :meth:`trainable`, then :meth:`objective` (pre-training) or :meth:`adversarial_units`
+    (adversarial modes); per micro-batch :meth:`draws` and :meth:`losses` or
+    :meth:`generate` / :meth:`score` / :meth:`score_pair`. :meth:`extra_modules` are saved in
+    each checkpoint as ``{name}.safetensors`` and loaded on resume.
+    """
+
+    name = ""
+    model_class: type = nn.Module
+    modes: Tuple[str, ...] = ("pretrain",)
+    adv_weight = 1.0
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+
+    # construction
+    def new_model(self) -> nn.Module:
+        raise NotImplementedError
+
+    def check_model(self, model: nn.Module, source: Path) -> None:
+        """Raise ConfigError when a loaded model contradicts the run's settings."""
+
+    def load_state(self, source: Path) -> nn.Module:
+        return self.model_class.from_pretrained(source, dtype=torch.float32)
+
+    def build_model(self, resume: Optional[Path]) -> nn.Module:
+        cfg = self.cfg
+        if cfg.mode in ADVERSARIAL_MODES and not cfg.init_from and resume is None:
+            raise ConfigError(f"{cfg.mode} mode fine-tunes a trained model: pass init_from")
+        if resume is not None or cfg.init_from:
+            source = resume / "model" if resume is not None else Path(cfg.init_from)
+            model = self.load_state(source)
+            self.check_model(model, source)
+            return model
+        return self.new_model()
+
+    def data_fields(self, model: nn.Module) -> Tuple[str, ...]:
+        """The dataset fields a batch needs (:data:`nitro_ar.data.FIELDS`); the dataset checks
+        that its columns hold them."""
+        return ("latents", "text")
+
+    def default_ema(self, model: nn.Module) -> bool:
+        return False
+
+    def trainable(self, model: nn.Module) -> List[nn.Parameter]:
+        return [p for p in model.parameters() if p.requires_grad]
+
+    def objective(self, model: nn.Module, empty: torch.Tensor, resume: Optional[Path]) -> nn.Module:
+        raise NotImplementedError
+
+    def objective_params(self) -> List[nn.Parameter]:
+        """Trainable parameters of the objective besides the model's (REPA projectors)."""
+        return []
+
+    def adversarial_units(self, model: nn.Module, empty: torch.Tensor, resume: Optional[Path]) -> Tuple[nn.Module, nn.Module]:
+        """(generator, discriminator) of an adversarial mode; the discriminator is restored by
+        the Trainer on resume."""
+        raise NotImplementedError
+
+    def extra_modules(self) -> Dict[str, nn.Module]:
+        return {}
+
+    # steps
+    def draws(self, model: nn.Module, step: int, positions: Sequence[int]):
+        raise NotImplementedError
+
+    def losses(self, objective: nn.Module, batch: Dict[str, torch.Tensor], draws) -> Dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def generate(self, generator: nn.Module, batch: Dict[str, torch.Tensor], draws):
+        """(fake, real, condition, extra generator losses {name: weighted loss})."""
+        raise NotImplementedError
+
+    def score(self, disc: nn.Module, fake: torch.Tensor, cond, draws) -> torch.Tensor:
+        raise NotImplementedError
+
+    def score_pair(self, disc: nn.Module, real: torch.Tensor, fake: torch.Tensor, cond, draws):
+        """(real logits, fake logits) from one discriminator forward."""
+        raise NotImplementedError
+
+    def describe(self, model: nn.Module) -> str:
+        return self.name
+
+
+class NitroARFamily(ModelFamily):
+    """Nitro-AR: masked AR pre-training, adversarial head fine-tuning and FAR shortcut heads."""
+
+    name = "nitro_ar"
+    model_class = NitroAR
+    modes = ("pretrain", "adversarial", "shortcut")
+
+    def __init__(self, cfg: TrainConfig):
+        super().__init__(cfg)
+        self.settings: Optional[ObjectiveSettings] = None
+
+    def _config(self) -> NitroARConfig:
+        try:
+            return NitroARConfig.for_variant(self.cfg.variant or "gan", **self.cfg.model_config)
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"bad model_config {self.cfg.model_config}: {err}") from err
+
+    def new_model(self) -> NitroAR:
+        config = self._config()
+        torch.manual_seed(self.cfg.seed)
+        model = NitroAR(config)
+        official_head_init(model)
+        return model
+
+    def build_model(self, resume: Optional[Path]) -> NitroAR:
+        model = super().build_model(resume)
+        # Shortcut mode: zero-initialised step embeddings (FMSC when init_from is a flow-matching model).
+        return enable_shortcut(model) if self.cfg.mode == "shortcut" else model
+
+    def check_model(self, model: NitroAR, source: Path) -> None:
+        cfg = self.cfg
+        if cfg.variant is not None and model.config.variant != cfg.variant:
+            raise ConfigError(f"variant {cfg.variant!r} asked for, but {source} holds a {model.config.variant!r} model")
+        if not cfg.init_from and cfg.mode == "pretrain" and model.config != self._config():
+            raise ConfigError(f"{source} holds a model of another configuration than variant/model_config ask for")
+
+    def data_fields(self, model: NitroAR) -> Tuple[str, ...]:
+        return ("latents", "text", "thumbnail") if model.is_joint else ("latents", "text")
+
+    def default_ema(self, model: NitroAR) -> bool:
+        # Shortcut mode: the EMA is the self-consistency teacher.
+        return self.cfg.mode == "shortcut" or (self.cfg.mode == "pretrain" and not model.is_joint)
+
+    def trainable(self, model: NitroAR) -> List[nn.Parameter]:
+        self.settings = self.cfg.objective_settings(model.is_joint)
+        return freeze_all_but_head(model) if self.cfg.mode == "adversarial" else super().trainable(model)
+
+    def objective(self, model: NitroAR, empty: torch.Tensor, resume: Optional[Path]) -> nn.Module:
+        if self.cfg.mode == "shortcut":
+            return ShortcutObjective(model, empty, self.settings, ShortcutSettings.from_dict(self.cfg.shortcut))
+        return MaskedARObjective(model, empty, self.settings)
+
+    def adversarial_units(self, model: NitroAR, empty: torch.Tensor, resume: Optional[Path]):
+        head_steps = self.cfg.adv_head_steps or model.config.head_steps
+        torch.manual_seed(mix_seed(self.cfg.seed, 1))
+        discriminator = TokenDiscriminator(model, self.cfg.disc_hidden)
+        return HeadGenerator(model, empty, self.settings, head_steps), discriminator
+
+    def draws(self, model: NitroAR, step: int, positions: Sequence[int]):
+        draw = draw_shortcut_step if self.cfg.mode == "shortcut" else draw_step
+        return draw(model, self.settings, seed=self.cfg.seed, step=step, positions=positions)
+
+    def losses(self, objective, batch, draws):
+        return objective(batch["latents"], batch["text"], draws, batch.get("thumbnail"))
+
+    def generate(self, generator, batch, draws):
+        fake, real, text, mask = generator(batch["latents"], batch["text"], draws, batch.get("thumbnail"))
+        return fake, real, (text, mask), {}
+
+    def score(self, disc, fake, cond, draws):
+        return disc(fake, *cond)
+
+    def score_pair(self, disc, real, fake, cond, draws):
+        text, mask = cond
+        return disc(torch.cat([real, fake]), torch.cat([text, text]), torch.cat([mask, mask])).chunk(2)
+
+    def describe(self, model: NitroAR) -> str:
+        return model.config.variant
+
+
+class NitroEFamily(ModelFamily):
+    """Nitro-E: the official rectified-flow pre-training with REPA, and few-step distillation
+    (see :mod:`nitro_ar.objectives_nitro_e`)."""
+
+    name = "nitro_e"
+    model_class = NitroE
+    modes = ("pretrain", "distill")
+
+    def __init__(self, cfg: TrainConfig):
+        super().__init__(cfg)
+        from .objectives_nitro_e import NitroESettings
+
+        try:
+            self.settings = NitroESettings(
+                text_dropout=cfg.text_dropout, weighting_scheme=cfg.weighting_scheme, logit_mean=cfg.logit_mean,
+                logit_std=cfg.logit_std, mode_scale=cfg.mode_scale, proj_coeff=cfg.proj_coeff,
+                student_steps=cfg.student_steps, adv_weight=cfg.adv_weight, diffusion_weight=cfg.diffusion_weight,
+            )
+        except ValueError as err:
+            raise ConfigError(str(err)) from err
+        self.adv_weight = cfg.adv_weight
+        self.repa = cfg.repa_depth >= 0 and cfg.mode == "pretrain"
+        self.projectors: Optional[nn.ModuleList] = None
+        self._loaded_projectors: Dict[str, torch.Tensor] = {}
+        self.generator = None
+
+    def _config(self) -> NitroEConfig:
+        try:
+            return NitroEConfig(**self.cfg.model_config)
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"bad model_config {self.cfg.model_config}: {err}") from err
+
+    def new_model(self) -> NitroE:
+        config = self._config()
+        torch.manual_seed(self.cfg.seed)
+        return NitroE(config)  # PyTorch's default initialisation, as the official model
+
+    def load_state(self, source: Path) -> NitroE:
+        """A saved model, or an official file; an official stage-1 file's ``projectors.*``
+        are kept for REPA (and dropped without it, as the official stage 2 does)."""
+        from .objectives_nitro_e import split_projector_state
+
+        file, saved = resolve_checkpoint(source, "nitro_e")
+        state, self._loaded_projectors = split_projector_state(read_state_dict(file))
+        config = NitroEConfig.from_dict(saved) if saved is not None else infer_config(state)
+        with torch.device("meta"):
+            model = NitroE(config)
+        check_state_dict(model, state, source=str(file))
+        model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True, assign=True)
+        model.build_buffers(torch.device("cpu"), torch.float32)
+        return model
+
+    def check_model(self, model: NitroE, source: Path) -> None:
+        if self.cfg.model_config and not self.cfg.init_from and model.config != self._config():
+            raise ConfigError(f"{source} holds a model of another configuration than model_config asks for")
+
+    def data_fields(self, model: NitroE) -> Tuple[str, ...]:
+        # REPA reads the precomputed DINOv2 features (the dino_feat column, see nitro_ar.dino)
+        return ("latents", "text", "dino") if self.repa else ("latents", "text")
+
+    def default_ema(self, model: NitroE) -> bool:
+        return False  # official default (stage 2 turns it on)
+
+    def objective(self, model: NitroE, empty: torch.Tensor, resume: Optional[Path]) -> nn.Module:
+        from .objectives_nitro_e import NitroEObjective, build_projectors
+
+        if self.repa:
+            torch.manual_seed(mix_seed(self.cfg.seed, 2))
+            self.projectors = build_projectors(model.config.inner_dim, self.cfg.projector_dim, self.cfg.z_dims)
+            if self._loaded_projectors and resume is None:
+                self.projectors.load_state_dict(self._loaded_projectors)
+            self.projectors.to(model.device)
+        return NitroEObjective(model, empty, self.settings, self.projectors)
+
+    def objective_params(self) -> List[nn.Parameter]:
+        return list(self.projectors.parameters()) if self.projectors is not None else []
+
+    def adversarial_units(self, model: NitroE, empty: torch.Tensor, resume: Optional[Path]):
+        from .objectives_nitro_e import FeatureDiscriminator, StudentGenerator
+
+        if not self.cfg.init_from:
+            raise ConfigError("distill mode needs init_from (the teacher), also when resuming")
+        teacher = self.load_state(Path(self.cfg.init_from)).to(model.device)
+        teacher, _ = _apply_fast(teacher, self.cfg.fast if self.cfg.fast is not None else torch.cuda.is_available())
+        torch.manual_seed(mix_seed(self.cfg.seed, 1))
+        discriminator = FeatureDiscriminator(teacher, self.cfg.disc_hidden).to(model.device)
+        self.generator = StudentGenerator(model, empty, self.settings).to(model.device)
+        return self.generator, discriminator
+
+    def extra_modules(self) -> Dict[str, nn.Module]:
+        return {"projectors": self.projectors} if self.projectors is not None else {}
+
+    def draws(self, model: NitroE, step: int, positions: Sequence[int]):
+        from .objectives_nitro_e import draw_flow_step
+
+        return draw_flow_step(model, self.settings, seed=self.cfg.seed, step=step, positions=positions,
+                              distill=self.cfg.mode == "distill")
+
+    def losses(self, objective, batch, draws):
+        return objective(batch["latents"], batch["text"], draws, batch.get("dino"))
+
+    def generate(self, generator, batch, draws):
+        fake, diff, text = generator(batch["latents"], batch["text"], draws)
+        return fake, batch["latents"], text, {"diff_loss": (self.cfg.diffusion_weight, diff)}
+
+    def _disc_input(self, x, draws):
+        return self.generator.renoise(x, draws)
+
+    def score(self, disc, fake, cond, draws):
+        noisy, timestep = self._disc_input(fake, draws)
+        return disc(noisy, cond, timestep)
+
+    def score_pair(self, disc, real, fake, cond, draws):
+        noisy, timestep = self._disc_input(torch.cat([real, fake]), _repeat_draws(draws))
+        return disc(noisy, torch.cat([cond, cond]), timestep).chunk(2)
+
+
+def _repeat_draws(draws):
+    """Nitro-E draws for a batch of [real, fake]: the same discriminator noise for both halves."""
+    from .objectives_nitro_e import FlowDraws
+
+    return FlowDraws(draws.noise, draws.t_index, draws.text_drop, torch.cat([draws.disc_noise] * 2),
+                     torch.cat([draws.disc_t_index] * 2))
+
+
+FAMILIES = {"nitro_ar": NitroARFamily, "nitro_e": NitroEFamily}
+
+
+def _strip_prefix(state: Dict[str, torch.Tensor], name: str) -> Dict[str, torch.Tensor]:
+    """``{name}.key`` -> ``key`` (extra modules are saved under their official prefix)."""
+    prefix = name + "."
+    return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state.items()}
 
 
 # --------------------------------------------------------------------------------------------
@@ -392,14 +718,12 @@ class Trainer:
         if acc.is_main_process:
             self.ckpt_root.mkdir(parents=True, exist_ok=True)
 
+        self.family = family = FAMILIES[cfg.model](cfg)
         resume = self._find_resume()
-        self.model = self._build_model(resume)
+        self.model = family.build_model(resume)
         self.shortcut = cfg.mode == "shortcut"
-        if self.shortcut:
-            enable_shortcut(self.model)  # FMSC from a flow-matching init_from: zero step embeddings
         self._build_data()
-        self.adversarial = cfg.mode == "adversarial"
-        settings = cfg.objective_settings(self.model.is_joint)
+        self.adversarial = cfg.mode in ADVERSARIAL_MODES
 
         self.model.gradient_checkpointing = cfg.gradient_checkpointing
         # On the training device first: the fast path picks its backend from the weights' device.
@@ -409,36 +733,34 @@ class Trainer:
             logger.warning("shortcut mode trains on the eager reference: the nitro_ar.fast heads take no step size")
             fast = False
         self.model, self.fast_active = _apply_fast(self.model, fast)
-        if self.adversarial:
-            trainable = freeze_all_but_head(self.model)
-        else:
-            trainable = [p for p in self.model.parameters() if p.requires_grad]
+        trainable = family.trainable(self.model)
         ids = {id(p) for p in trainable}
         self.model.train()
 
         empty = self.dataset.empty_text(cfg.empty_text or None)["text"]
-        self.optimizer = self._adamw(trainable, cfg.learning_rate)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, WarmupConstant(cfg.warmup_steps))
         if self.adversarial:
-            head_steps = cfg.adv_head_steps or self.model.config.head_steps
-            torch.manual_seed(mix_seed(cfg.seed, 1))
-            self.discriminator = TokenDiscriminator(self.model, cfg.disc_hidden)
+            generator, self.discriminator = family.adversarial_units(self.model, empty, resume)
             if resume is not None:
                 self.discriminator.load_state_dict(read_state_dict(resume / "discriminator.safetensors"))
+            self.optimizer = self._adamw(trainable, cfg.learning_rate)
+            self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, WarmupConstant(cfg.warmup_steps))
             self.disc_optimizer = self._adamw(list(self.discriminator.parameters()), cfg.disc_learning_rate or cfg.learning_rate)
             self.disc_scheduler = torch.optim.lr_scheduler.LambdaLR(self.disc_optimizer, WarmupConstant(cfg.warmup_steps))
-            generator = HeadGenerator(self.model, empty, settings, head_steps)
             self.train_module, self.optimizer, self.discriminator_ddp, self.disc_optimizer = acc.prepare(
                 generator, self.optimizer, self.discriminator, self.disc_optimizer
             )
         else:
-            objective = (ShortcutObjective(self.model, empty, settings, ShortcutSettings.from_dict(cfg.shortcut))
-                         if self.shortcut else MaskedARObjective(self.model, empty, settings))
+            objective = family.objective(self.model, empty, resume)
+            trainable = trainable + family.objective_params()
+            self.optimizer = self._adamw(trainable, cfg.learning_rate)
+            self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, WarmupConstant(cfg.warmup_steps))
             self.train_module, self.optimizer = acc.prepare(objective, self.optimizer)
+        for name, module in family.extra_modules().items():
+            if resume is not None:
+                module.load_state_dict(_strip_prefix(read_state_dict(resume / f"{name}.safetensors"), name))
         self.trainable = trainable
-        self.settings = settings
         # After prepare: the shadow lives on the training device.
-        use_ema = cfg.ema if cfg.ema is not None else (self.shortcut or (not self.adversarial and not self.model.is_joint))
+        use_ema = cfg.ema if cfg.ema is not None else family.default_ema(self.model)
         self.ema = EMA([(n, p) for n, p in self.model.named_parameters() if id(p) in ids], cfg.ema_rate) if use_ema else None
         if self.shortcut:
             objective.set_teacher(self.ema)  # self-consistency targets from the EMA head
@@ -450,10 +772,10 @@ class Trainer:
         if resume is not None:
             self._load_training_state(resume)
         if acc.is_main_process:
-            logger.info("training %s (%s, %.1fM trainable parameters) on %d process(es), global batch %d x %d accumulation, "
-                        "precision %s, %s path; %d samples in %s",
-                        self.model.config.variant, cfg.mode, sum(p.numel() for p in trainable) / 1e6, acc.num_processes,
-                        self.global_batch, cfg.gradient_accumulation_steps, precision,
+            logger.info("training %s %s (%s, %.1fM trainable parameters) on %d process(es), global batch %d x %d "
+                        "accumulation, precision %s, %s path; %d samples in %s",
+                        cfg.model, family.describe(self.model), cfg.mode, sum(p.numel() for p in trainable) / 1e6,
+                        acc.num_processes, self.global_batch, cfg.gradient_accumulation_steps, precision,
                         "fast" if self.fast_active else "eager", self.dataset.epoch_size,
                         cfg.data_dir or f"{len(cfg.data_streams)} streams")
         if resume is not None:
@@ -531,29 +853,6 @@ class Trainer:
                 shutil.rmtree(path, ignore_errors=True)
         sweep_stale(self.ckpt_root)
 
-    def _build_model(self, resume: Optional[Path]) -> NitroAR:
-        cfg = self.cfg
-        config = None
-        if not cfg.init_from:
-            if cfg.mode == "adversarial" and resume is None:
-                raise ConfigError("adversarial mode fine-tunes a trained model: pass init_from")
-            try:
-                config = NitroARConfig.for_variant(cfg.variant or "gan", **cfg.model_config)
-            except (TypeError, ValueError) as err:
-                raise ConfigError(f"bad model_config {cfg.model_config}: {err}") from err
-        if resume is not None or cfg.init_from:
-            source = resume / "model" if resume is not None else Path(cfg.init_from)
-            model = NitroAR.from_pretrained(source, dtype=torch.float32)
-            if cfg.variant is not None and model.config.variant != cfg.variant:
-                raise ConfigError(f"variant {cfg.variant!r} asked for, but {source} holds a {model.config.variant!r} model")
-            if config is not None and cfg.mode == "pretrain" and model.config != config:
-                raise ConfigError(f"{source} holds a model of another configuration than variant/model_config ask for")
-            return model
-        torch.manual_seed(cfg.seed)
-        model = NitroAR(config)
-        official_head_init(model)
-        return model
-
     # ------------------------------------------------------------------ data
     def _build_data(self) -> None:
         """The MDS dataset (fields and layout from the model) and this process's loader.
@@ -569,7 +868,7 @@ class Trainer:
 
         cfg, acc, mcfg = self.cfg, self.accelerator, self.model.config
         streams = make_streams(cfg.data_streams or cfg.data_dir, cache_dir=cfg.data_cache_dir or None)
-        fields = ("latents", "text", "thumbnail") if self.model.is_joint else ("latents", "text")
+        fields = self.family.data_fields(self.model)
         self.dataset = NitroStreamingDataset(
             streams, batch_size=cfg.batch_size, resolution=32 * mcfg.sample_size, fields=fields,
             text_length=cfg.text_length, text_channels=mcfg.caption_channels, latent_channels=mcfg.in_channels,
@@ -633,9 +932,7 @@ class Trainer:
         node, rank = divmod(acc.process_index, self._ranks_per_node)
         positions = [micro * self.global_batch + (i * self._ranks_per_node + rank) * self._num_nodes + node
                      for i in range(cfg.batch_size)]
-        draw = draw_shortcut_step if self.shortcut else draw_step
-        draws = draw(self.model, self.settings, seed=cfg.seed, step=self.step, positions=positions)
-        return draws.to(acc.device)
+        return self.family.draws(self.model, self.step, positions).to(acc.device)
 
     def _micro_batches(self, module: nn.Module) -> Iterator[Tuple[Dict[str, torch.Tensor], object, contextlib.AbstractContextManager]]:
         """(batch, draws, gradient-sync context) for each micro-batch of this step; gradients
@@ -672,7 +969,7 @@ class Trainer:
         totals: Dict[str, torch.Tensor] = {}
         for batch, draws, sync in self._micro_batches(self.train_module):
             with sync, acc.autocast():
-                losses = self.train_module(batch["latents"], batch["text"], draws, batch.get("thumbnail"))
+                losses = self.family.losses(self.train_module, batch, draws)
                 acc.backward(losses["loss"] / accum)
             for key, value in losses.items():
                 totals[key] = totals.get(key, 0.0) + value.detach().float() / accum
@@ -683,45 +980,51 @@ class Trainer:
         return metrics
 
     def _adversarial_step(self) -> Dict[str, float]:
-        acc, accum = self.accelerator, self.cfg.gradient_accumulation_steps
+        acc, accum, family = self.accelerator, self.cfg.gradient_accumulation_steps, self.family
         disc = self.discriminator
         disc_params = list(disc.parameters())
-        g_total, d_total, real_score, fake_score = 0.0, 0.0, 0.0, 0.0
+        totals: Dict[str, torch.Tensor] = {}
+
+        def add(key: str, value: torch.Tensor) -> None:
+            totals[key] = totals.get(key, 0.0) + value.detach().float() / accum
+
         generated = []
-        # Generator update: the discriminator scores the few-step samples, its weights held.
+        # Generator update: the discriminator scores the generated samples, its weights held.
         for param in disc_params:
             param.requires_grad_(False)
         for batch, draws, sync in self._micro_batches(self.train_module):
             with sync, acc.autocast():
-                fake, real, text, mask = self.train_module(batch["latents"], batch["text"], draws, batch.get("thumbnail"))
-                g_loss = generator_loss(disc(fake, text, mask))
-                acc.backward(g_loss / accum)
-            g_total += g_loss.detach() / accum
-            generated.append((fake.detach(), real, text, mask))
+                fake, real, cond, extra = family.generate(self.train_module, batch, draws)
+                g_loss = generator_loss(family.score(disc, fake, cond, draws))
+                loss = family.adv_weight * g_loss + sum(weight * value for weight, value in extra.values())
+                acc.backward(loss / accum)
+            add("g_loss", g_loss)
+            add("loss", loss)
+            for key, (_, value) in extra.items():
+                add(key, value)
+            generated.append((fake.detach(), real, cond, draws))
         for param in disc_params:
             param.requires_grad_(True)
-        g_mean = float(acc.reduce(g_total, "mean"))
+        g_mean = float(acc.reduce(totals["loss"], "mean"))
         g_norm, updated = self._clip_and_step(self.trainable, self.optimizer, self.scheduler, g_mean)
         if self.ema is not None and updated:
             self.ema.update()
         # Discriminator update on the same samples: real and generated in one forward.
-        for micro, (fake, real, text, mask) in enumerate(generated):
+        for micro, (fake, real, cond, draws) in enumerate(generated):
             sync = acc.no_sync(self.discriminator_ddp) if micro < accum - 1 else contextlib.nullcontext()
             with sync, acc.autocast():
-                logits = self.discriminator_ddp(torch.cat([real, fake]), torch.cat([text, text]), torch.cat([mask, mask]))
-                real_logits, fake_logits = logits.chunk(2)
+                real_logits, fake_logits = family.score_pair(self.discriminator_ddp, real, fake, cond, draws)
                 d_loss = discriminator_loss(real_logits, fake_logits)
                 acc.backward(d_loss / accum)
-            d_total += d_loss.detach() / accum
-            real_score += torch.sigmoid(real_logits.detach()).mean() / accum
-            fake_score += torch.sigmoid(fake_logits.detach()).mean() / accum
-        reduced = {"g_loss": g_mean, **{k: float(acc.reduce(v, "mean")) for k, v in
-                                        {"d_loss": d_total, "d_real": real_score, "d_fake": fake_score}.items()}}
+            add("d_loss", d_loss)
+            add("d_real", torch.sigmoid(real_logits.detach()).mean())
+            add("d_fake", torch.sigmoid(fake_logits.detach()).mean())
+        reduced = {k: float(acc.reduce(v, "mean")) for k, v in totals.items()}
         d_norm, _ = self._clip_and_step(disc_params, self.disc_optimizer, self.disc_scheduler, reduced["d_loss"])
-        return {"loss": reduced["g_loss"], **reduced, "grad_norm": g_norm, "d_grad_norm": d_norm}
+        return {**reduced, "grad_norm": g_norm, "d_grad_norm": d_norm}
 
     def train_step(self) -> Dict[str, float]:
-        """One optimizer step (of the generator and the discriminator in adversarial mode)."""
+        """One optimizer step (of the generator and the discriminator in adversarial modes)."""
         metrics = self._adversarial_step() if self.adversarial else self._pretrain_step()
         self.step += 1
         metrics["lr"] = self.scheduler.get_last_lr()[0]
@@ -825,7 +1128,7 @@ class Trainer:
             model.save_pretrained(partial / "model")
             if self.ema is not None:
                 with torch.device("meta"):
-                    averaged = match_config(NitroAR(model.config))
+                    averaged = match_config(type(model)(model.config))
                 averaged.load_state_dict(self.ema.state_dict_over(model.state_dict()), assign=True)
                 averaged.save_pretrained(partial / "ema")
             _save_optimizer(self.optimizer.optimizer, partial, "optimizer")
@@ -834,9 +1137,13 @@ class Trainer:
                 write_safetensors_atomic(self.discriminator.state_dict(), partial / "discriminator.safetensors")
                 _save_optimizer(self.disc_optimizer.optimizer, partial, "disc_optimizer")
                 schedulers["disc_scheduler"] = self.disc_scheduler.state_dict()
+            for extra, module in self.family.extra_modules().items():
+                write_safetensors_atomic({f"{extra}.{k}": v for k, v in module.state_dict().items()},
+                                         partial / f"{extra}.safetensors")
             state = {
                 "step": self.step, "samples_consumed": self.samples_consumed, "global_batch": self.global_batch,
-                "num_processes": acc.num_processes, "mode": cfg.mode, "variant": model.config.variant,
+                "num_processes": acc.num_processes, "model": cfg.model, "mode": cfg.mode,
+                "variant": getattr(model.config, "variant", None),
                 "seed": cfg.seed, **schedulers,
                 "data": self._data_state(),
             }
@@ -867,6 +1174,8 @@ class Trainer:
             missing += [k for k in ("disc_scheduler",) if k not in state]
         if missing:
             raise CheckpointError(f"{resume / STATE_NAME} lacks {missing}: not a checkpoint of this trainer")
+        if state.get("model", "nitro_ar") != cfg.model:
+            raise ConfigError(f"{resume} is a {state.get('model', 'nitro_ar')} checkpoint; this run trains {cfg.model}")
         if state["mode"] != cfg.mode:
             raise ConfigError(f"{resume} is a {state['mode']} checkpoint; this run is in {cfg.mode} mode")
         if state["global_batch"] != cfg.batch_size * acc.num_processes:
