@@ -281,7 +281,7 @@ def _process_state(device: Optional[str]):
 def _model_family(args) -> str:
     """"nitro_ar" or "nitro_e" for ``args.model`` (a local path or repository; only the header
     of the weights is read)."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     from .checkpoint import detect_model_type, resolve_checkpoint
 
@@ -294,7 +294,7 @@ def _model_family(args) -> str:
     try:
         with safe_open(str(file), framework="pt") as handle:
             return detect_model_type(handle.keys())
-    except (OSError, ValueError, RuntimeError) as err:
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
         if isinstance(err, CheckpointError):
             raise
         raise CheckpointError(f"{file} is not a readable safetensors file ({err})") from err

@@ -101,9 +101,8 @@ def test_pipeline_diffusers_call_conventions(components):
 
 
 def test_cli_version_and_wrong_encoder_path(components, tmp_path, capsys):
-    with pytest.raises(SystemExit) as done:
-        main(["--version"])
-    assert done.value.code == 0 and capsys.readouterr().out.strip() == f"nitro-ar {__version__}"
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"nitro-ar {__version__}"
     args = ["generate", "--model", str(components["ar"]), "--text-encoder", str(tmp_path / "llama"), "--prompt", "a red fox",
             "--out", str(tmp_path / "out"), "--quiet"]
     assert main(args) == 2
