@@ -118,10 +118,18 @@ class EagerSession:
         return result
 
 
-def _integer(name: str, value, minimum: int) -> int:
+def integer_argument(name: str, value, minimum: int) -> int:
+    """``value`` as an int, or InvalidArgumentError (bools and non-integral numbers refused)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
         raise invalid(name, value, f"an integer >= {minimum}")
     return int(value)
+
+
+def finite_number(name: str, value) -> float:
+    """``value`` as a float, or InvalidArgumentError (bools, NaN and infinities refused)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise invalid(name, value, "a finite number")
+    return float(value)
 
 
 CFG_SCHEDULES = ("constant", "linear")
@@ -288,13 +296,10 @@ class NitroAR(EMMDiTTrunk, PretrainedMixin):
     ) -> SamplingPlan:
         """The host-side plan of :meth:`generate` (arguments as there; validated, named errors)."""
         conf = self.config
-        batch = _integer("batch", batch, 1)
-        ar_steps = conf.ar_steps if ar_steps is None else _integer("ar_steps", ar_steps, 1)
+        batch = integer_argument("batch", batch, 1)
+        ar_steps = conf.ar_steps if ar_steps is None else integer_argument("ar_steps", ar_steps, 1)
         head_steps = conf.head_steps if head_steps is None else head_steps
-        guidance = conf.cfg if cfg is None else cfg
-        if isinstance(guidance, bool) or not isinstance(guidance, numbers.Real) or not math.isfinite(guidance):
-            raise invalid("cfg", cfg, "a finite number")
-        guidance = float(guidance)
+        guidance = finite_number("cfg", conf.cfg if cfg is None else cfg)
         if cfg_schedule not in CFG_SCHEDULES:
             raise invalid("cfg_schedule", cfg_schedule, " or ".join(map(repr, CFG_SCHEDULES)))
         if head_steps_schedule not in HEAD_STEP_SCHEDULES:

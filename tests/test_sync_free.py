@@ -1,15 +1,16 @@
 """NitroAR.generate: host-side plan, no host synchronisation inside the AR loop, and outputs
 bit-identical to the loop it replaced (kept below as the oracle)."""
-import math
-
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import nitro_ar.fast as fast
 from factories import TEXT_WIDTH, tiny_ar
 from nitro_ar.errors import InvalidArgumentError
+from nitro_ar.fast.graphs import GraphCache, HostSyncs, enable_graphs
 from nitro_ar.schedules import cfg_for_step, mar_mask_len, step_head_counts
+
+
+SMALL = dict(block_groups=(1, 1, 1), sample_size=8)  # 64 tokens: every code path, fast on CPU
 
 
 def _text(batch, seed=0, length=16):
@@ -87,8 +88,76 @@ IDS = [f"{variant}-{i}" for i, (variant, _) in enumerate(CASES)]
 
 @pytest.mark.parametrize("variant,opts", CASES, ids=IDS)
 def test_generate_is_bit_identical_to_the_old_loop(variant, opts):
-    model = tiny_ar(variant, block_groups=(1, 1, 1))
+    model = tiny_ar(variant, **SMALL)
     text, uncond = _text(2), _text(1, seed=1)
     want = oracle_generate(model, text, uncond, generator=torch.Generator().manual_seed(3), **opts)
     got = model.generate(text, uncond, generator=torch.Generator().manual_seed(3), **opts)
     assert torch.equal(got, want)
+
+
+# (variant, options) under the strict sync guard; the torch backend and graph capture (CPU
+# stand-in) run the same phases.
+SYNC_CASES = [CASES[i] for i in (0, 1, 2, 3, 4, 6, 7)]
+
+
+@pytest.mark.parametrize("impl", ["reference", "torch", "graphs"])
+@pytest.mark.parametrize("variant,opts", SYNC_CASES, ids=[IDS[i] for i in (0, 1, 2, 3, 4, 6, 7)])
+def test_generate_never_synchronises_with_the_host(variant, opts, impl):
+    """No .item(), int(tensor), nonzero, masked_select, boolean indexing or index_put with a
+    boolean mask anywhere in generate (aten ops listed in nitro_ar.fast.graphs.SYNC_OPS)."""
+    from graph_standin import StandInGraphs
+
+    model = tiny_ar(variant, **SMALL)
+    if impl != "reference":
+        fast.accelerate(model, backend="torch", graphs=False)
+    if impl == "graphs":
+        enable_graphs(model, GraphCache(StandInGraphs))
+    text, uncond = _text(1), _text(1, seed=1)
+    for count in model.sampling_plan(1, **opts).head_counts:
+        model.head_schedule(count)  # host math on CPU tensors (cached): outside the guarded region
+    with HostSyncs(strict=True):
+        model.generate(text, uncond, generator=torch.Generator().manual_seed(0), **opts)
+
+
+def test_the_sync_guard_catches_the_old_loop():
+    model = tiny_ar("gan", **SMALL)
+    counter = HostSyncs()
+    with counter:
+        oracle_generate(model, _text(1), _text(1, seed=1), ar_steps=2, head_steps=1, cfg=4.0)
+    assert counter.syncs >= 4 and {"aten._local_scalar_dense.default", "aten.nonzero.default"} <= set(counter.ops)
+    with pytest.raises(AssertionError, match="host synchronisation"), HostSyncs(strict=True):
+        torch.ones(3)[torch.tensor([True, False, True])]
+    with pytest.raises(AssertionError, match="index_put"), HostSyncs(strict=True):
+        torch.ones(3).index_put_((torch.tensor([True, False, True]),), torch.tensor(0.0))
+
+
+def test_plan_holds_the_host_numbers():
+    model = tiny_ar("gan", **SMALL)
+    plan = model.sampling_plan(2, ar_steps=4, head_steps=3, cfg=4.0, cfg_schedule="linear")
+    assert [s.rows for s in plan.steps] == [s.hi - s.lo for s in plan.steps]
+    assert sum(s.rows for s in plan.steps) == plan.seq  # each token predicted once
+    assert plan.steps[-1].mask_len == 1 and plan.steps[-1].lo == 0
+    assert [s.noise_offset for s in plan.steps] == [0] + [sum(2 * t.rows for t in plan.steps[:i]) for i in range(1, 4)]
+    assert plan.steps[0].cfg < plan.steps[-1].cfg and plan.head_counts == (3,)
+    orders = torch.stack([torch.randperm(plan.seq) for _ in range(2)])
+    positions = plan.positions(orders)
+    assert all(p.shape == (2, s.rows) for p, s in zip(positions, plan.steps))
+    assert torch.equal(torch.cat(positions, 1).sort(1).values, torch.arange(plan.seq).expand(2, -1))
+    assert hash(plan) == hash(model.sampling_plan(2, ar_steps=4, head_steps=3, cfg=4.0, cfg_schedule="linear"))
+
+
+@pytest.mark.parametrize("kwargs,name", [
+    (dict(cfg=float("nan")), "cfg"), (dict(cfg=float("inf")), "cfg"), (dict(cfg="4"), "cfg"), (dict(cfg=True), "cfg"),
+    (dict(ar_steps=0), "ar_steps"), (dict(ar_steps=2.9), "ar_steps"), (dict(ar_steps=True), "ar_steps"),
+    (dict(cfg_schedule="cosine"), "cfg_schedule"), (dict(head_steps_schedule="exp", head_steps_end=1), "head_steps_schedule"),
+])
+def test_bad_generate_arguments_are_named(kwargs, name):
+    model = tiny_ar("gan", **SMALL)
+    with pytest.raises(InvalidArgumentError, match=f"^{name}="):
+        model.generate(_text(1), _text(1, seed=1), **kwargs)
+
+
+def test_empty_batch_is_refused():
+    model = tiny_ar("gan", **SMALL)
+    with pytest.raises(InvalidArgumentError, match="^batch="):
+        model.generate(_text(1)[:0], _text(1, seed=1))
