@@ -380,8 +380,8 @@ class NitroAR(EMMDiTTrunk, PretrainedMixin):
             made = {}
             for count in plan.head_counts:
                 schedule = self.head_schedule(count)
-                made[f"timesteps{count}"] = schedule.timesteps.to(self.device)
-                made[f"sigmas{count}"] = schedule.sigmas.to(self.device)
+                made[f"timesteps{count}"] = schedule.timesteps.to(self.device, copy=True)  # owned, never the cached table
+                made[f"sigmas{count}"] = schedule.sigmas.to(self.device, copy=True)
             return made
 
         if self.sampling_runner is None:

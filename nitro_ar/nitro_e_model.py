@@ -199,7 +199,7 @@ class NitroE(EMMDiTTrunk, PretrainedMixin):
         inputs = {"text": text_in, "latents": latents.to(device=device, dtype=dtype)}
 
         def constants():
-            return {"timesteps": schedule.timesteps.to(device), "sigmas": schedule.sigmas.to(device)}
+            return {"timesteps": schedule.timesteps.to(device, copy=True), "sigmas": schedule.sigmas.to(device, copy=True)}
 
         if self.sampling_runner is None:
             session = EagerSession({**inputs, **constants()})

@@ -95,13 +95,13 @@ def test_generate_is_bit_identical_to_the_old_loop(variant, opts):
     assert torch.equal(got, want)
 
 
-# (variant, options) under the strict sync guard; the torch backend and graph capture (CPU
-# stand-in) run the same phases.
-SYNC_CASES = [CASES[i] for i in (0, 1, 2, 3, 4, 6, 7)]
+# Under the strict sync guard: every option with the reference; the torch backend and graph
+# capture (CPU stand-in) run the same phases, checked on one gan and one joint_gan case.
+SYNC_CASES = [(*CASES[i], "reference") for i in (0, 1, 2, 3, 4, 6, 7)] + [
+    (*CASES[i], impl) for impl in ("torch", "graphs") for i in (1, 6)]
 
 
-@pytest.mark.parametrize("impl", ["reference", "torch", "graphs"])
-@pytest.mark.parametrize("variant,opts", SYNC_CASES, ids=[IDS[i] for i in (0, 1, 2, 3, 4, 6, 7)])
+@pytest.mark.parametrize("variant,opts,impl", SYNC_CASES, ids=[f"{v}-{impl}-{i}" for i, (v, _, impl) in enumerate(SYNC_CASES)])
 def test_generate_never_synchronises_with_the_host(variant, opts, impl):
     """No .item(), int(tensor), nonzero, masked_select, boolean indexing or index_put with a
     boolean mask anywhere in generate (aten ops listed in nitro_ar.fast.graphs.SYNC_OPS)."""

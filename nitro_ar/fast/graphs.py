@@ -156,7 +156,8 @@ class GraphSession:
               fresh: bool = False):
         """``fn(buffers)`` stored under ``out`` (replayed, or captured now); ``fresh`` returns
         copies (buffers are overwritten by the next call)."""
-        names = (out,) if isinstance(out, str) else tuple(out)
+        single = isinstance(out, str)
+        names = (out,) if single else tuple(out)
         entry, index = self.entry, self.position
         self.position += 1
         if not entry.failed and index < len(entry.graphs):
@@ -166,27 +167,27 @@ class GraphSession:
             self.cache.replays += 1
         elif not entry.failed:
             try:
-                self._capture(fn, names)
+                self._capture(fn, names, single)
             except RuntimeError as err:  # e.g. a host synchronisation inside fn
                 warnings.warn(f"nitro_ar.fast: graph capture failed ({err}); running eagerly for this plan",
                               RuntimeWarning)
                 entry.failed, entry.graphs, entry.outputs = True, [], []
-                self._eager(fn, names)
+                self._eager(fn, names, single)
         else:
-            self._eager(fn, names)
+            self._eager(fn, names, single)
         results = tuple(entry.buffers[name] for name in names)
         results = tuple(t.clone() for t in results) if fresh else results
-        return results[0] if isinstance(out, str) else results
+        return results[0] if single else results
 
-    def _eager(self, fn, names) -> None:
+    def _eager(self, fn, names, single: bool) -> None:
         results = fn(self.entry.buffers)
-        self.entry.buffers.update(zip(names, (results,) if len(names) == 1 else results))
+        self.entry.buffers.update(zip(names, (results,) if single else results))
 
-    def _capture(self, fn, names) -> None:
+    def _capture(self, fn, names, single: bool) -> None:
         entry = self.entry
         before = entry.recorder.memory()
         first = entry.recorder.warmup(lambda: fn(entry.buffers))
-        first = (first,) if len(names) == 1 else tuple(first)
+        first = (first,) if single else tuple(first)
         for name, value in zip(names, first):  # static outputs, allocated outside the graph's pool
             held = entry.buffers.get(name)
             if held is None:
@@ -198,7 +199,7 @@ class GraphSession:
 
         def region() -> None:
             results = fn(entry.buffers)
-            for name, value in zip(names, (results,) if len(names) == 1 else results):
+            for name, value in zip(names, (results,) if single else results):
                 entry.buffers[name].copy_(value)
 
         graph = entry.recorder.capture(region)
