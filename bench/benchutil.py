@@ -97,3 +97,62 @@ def commit() -> str:
                               cwd=os.path.dirname(__file__), check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+
+
+def count_work(fn: Callable, device_type: str) -> Tuple[int, int]:
+    """(kernels, host syncs) of one call of ``fn``, counted without timing.
+
+    Kernels: aten ops that compute with an output on ``device_type`` (views, allocations and
+    host work such as a CPU generator's draws excluded; each would be one GPU kernel) plus
+    Triton launches. Run on the ``meta`` device nothing computes, so full-size models count in
+    seconds on CPU: Triton launches are counted and not run, the kernel modules see meta
+    tensors as the device the backend asked for. Host syncs: ops the host must wait on
+    (:class:`nitro_ar.fast.graphs.HostSyncs`) reading a tensor on ``device_type``.
+    """
+    import importlib
+    from contextlib import ExitStack
+    from unittest import mock
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+
+    from nitro_ar.fast.graphs import HostSyncs
+
+    allocations = {torch.ops.aten.empty.memory_format, torch.ops.aten.empty_strided.default,
+                   torch.ops.aten.empty_like.default, torch.ops.aten.new_empty.default,
+                   torch.ops.aten.new_empty_strided.default, torch.ops.aten.lift_fresh.default,
+                   torch.ops.aten._unsafe_view.default}
+    kernels = [0]
+
+    class Kernels(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if not func.is_view and func not in allocations and any(
+                    isinstance(t, torch.Tensor) and t.device.type == device_type for t in tree_flatten(out)[0]):
+                kernels[0] += 1
+            return out
+
+    def launch(self, *args, **kwargs):
+        if not kwargs.get("warmup"):
+            kernels[0] += 1
+
+    syncs = HostSyncs(device=device_type)
+    with ExitStack() as stack:
+        if device_type == "meta":
+            try:
+                from triton.runtime.interpreter import InterpretedFunction
+                from triton.runtime.jit import JITFunction
+            except ImportError:  # no Triton: the torch backend runs
+                pass
+            else:
+                stack.enter_context(mock.patch.object(JITFunction, "run", launch))
+                stack.enter_context(mock.patch.object(InterpretedFunction, "run", launch))
+            for name in ("flow_step", "joint_attention", "modulated_norm"):
+                module = importlib.import_module(f"nitro_ar.kernels.{name}")
+                select = module.select_backend
+                stack.enter_context(mock.patch.object(module, "select_backend", lambda device, requested=None, _s=select: (
+                    requested if torch.device(device).type == "meta" and requested else _s(device, requested))))
+        stack.enter_context(syncs)
+        stack.enter_context(Kernels())
+        fn()
+    return kernels[0], syncs.syncs

@@ -3,13 +3,19 @@
 Columns (``impl``): "eager" (the reference), "compile" (torch.compile of the reference networks,
 GPU only: on CPU the inductor build alone takes minutes), "fast" (``nitro_ar.fast.accelerate``
 without graphs) and "fast+graphs" (GPU only). Released full-size configs at batch 1 (latency)
-and 32 (throughput) on a GPU; reduced configs at batch 1 on CPU, said in ``extra_info``.
+and 32 (throughput) on a GPU, with time per image and images/s; reduced configs at batch 1 on
+CPU, said in ``extra_info``.
+
+``test_work_per_image`` records, everywhere and without timing, what one image costs at full
+size with the released sampling settings: kernels (aten ops that compute + Triton launches)
+and host synchronisations, for eager and fast (the Triton kernel path). The model runs on the
+meta device, so nothing computes and a full-size count takes seconds on CPU.
 """
 import pytest
 import torch
 
 import nitro_ar.fast
-from benchutil import ON_GPU, count_flops, mean_seconds, record_rate, synchronized
+from benchutil import ON_GPU, count_flops, count_work, mean_seconds, record_rate, synchronized
 from nitro_ar import NitroAR, NitroARConfig, NitroE, NitroEConfig
 
 REDUCED = dict(num_attention_heads=2, attention_head_dim=32, caption_projection_dim=64, caption_channels=48)
@@ -38,10 +44,11 @@ def prepare(model, impl: str):
     elif impl == "compile":
         mode = "max-autotune-no-cudagraphs"
         if isinstance(model, NitroAR):
-            model.diffloss.net = torch.compile(model.diffloss.net, mode=mode, dynamic=True)
+            # Module.compile keeps the head's class, so its sample() calls the compiled forward.
+            model.diffloss.net.compile(mode=mode, dynamic=True)
             model.backbone = torch.compile(model.backbone, mode=mode)
         else:
-            model.forward = torch.compile(model.forward, mode=mode)
+            model.compile(mode=mode)
     return model
 
 
@@ -67,6 +74,33 @@ def test_generate(benchmark, device, family, batch, impl):
     seconds = mean_seconds(benchmark)
     if seconds:
         benchmark.extra_info["images_per_s"] = round(batch / seconds, 3)
+        benchmark.extra_info["ms_per_image"] = round(1e3 * seconds / batch, 3)
     # Same numbers as the reference: fp32 rounding on CPU, bf16 rounding (relative norm) on GPU.
     error = (out.float() - reference.float()).norm() / reference.float().norm()
     assert error < (5e-2 if ON_GPU else 1e-4), f"{impl} differs from the reference by {error:.2e}"
+
+
+@pytest.mark.parametrize("impl", ["eager", "fast"])
+@pytest.mark.parametrize("family", ["gan", "joint_gan"])
+def test_work_per_image(benchmark, family, impl):
+    """Kernels and host syncs per image: full size, released sampling settings, batch 1, meta device."""
+    from nitro_ar.kernels.backend import triton_available
+
+    cfg = NitroARConfig.for_variant(family)
+    with torch.device("meta"):
+        model = NitroAR(cfg).eval()
+    backend = ("triton" if triton_available() else "torch") if impl == "fast" else "reference"
+    if impl == "fast":
+        nitro_ar.fast.swap_classes(model, backend)  # accelerate() would pick torch for meta tensors
+    text = torch.randn(1, 128, cfg.caption_channels, device="meta")
+
+    def run():
+        return model.generate(text, text, generator=torch.Generator().manual_seed(0))
+
+    kernels, syncs = count_work(run, "meta")
+    benchmark.group = f"work per image {family}"
+    benchmark.pedantic(lambda: None, rounds=1, iterations=1)  # the record; counts are not timings
+    benchmark.extra_info.update(impl=impl, config="full size", batch=1, backend=backend, timed=False,
+                                sampling=dict(ar_steps=cfg.ar_steps, head_steps=cfg.head_steps, cfg=cfg.cfg),
+                                kernels_per_image=kernels, host_syncs_per_image=syncs)
+    assert syncs == 0

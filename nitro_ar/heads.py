@@ -21,7 +21,8 @@ from torch import nn
 from .layers import RMSNorm, TimestepEmbedder, modulate, sincos_pos_table
 from .schedules import FlowSchedule, euler_step, head_schedule
 
-__all__ = ["MLPHead", "TransformerHead", "FlowHead", "sample_head", "euler_sample", "step_embedder", "embed_step_size"]
+__all__ = ["MLPHead", "TransformerHead", "FlowHead", "sample_head", "euler_sample", "step_embedder", "embed_step_size",
+           "EulerSampler"]
 
 
 def step_embedder(width: int) -> TimestepEmbedder:
@@ -43,6 +44,14 @@ def embed_step_size(step_embed: Optional[nn.Module], dt: Optional[torch.Tensor],
         return None
     dt = torch.as_tensor(0.0 if dt is None else dt, dtype=torch.float32, device=like.device).reshape(-1)
     return step_embed(dt, like.dtype).to(like.dtype)
+
+
+class EulerSampler:
+    """The reference heads' sampling loop as a method; accelerated heads override it."""
+
+    def sample(self, z: torch.Tensor, noise: torch.Tensor, schedule: FlowSchedule, cfg: float = 1.0) -> torch.Tensor:
+        """:func:`euler_sample` over this head (arguments and result as :func:`sample_head`)."""
+        return euler_sample(self, z, noise, schedule, cfg)
 
 
 # --------------------------------------------------------------------------------------------
@@ -83,7 +92,7 @@ class FinalLayer(nn.Module):
         return self.linear(modulate(self.norm_final(x), shift, scale))
 
 
-class MLPHead(nn.Module):
+class MLPHead(EulerSampler, nn.Module):
     """Per-token velocity MLP: x (N, C), t (N,), c (N, Dz) -> v (N, C)."""
 
     def __init__(self, in_channels: int, width: int, depth: int, z_channels: int, shortcut: bool = False):
@@ -171,7 +180,7 @@ class TransformerHeadBlock(nn.Module):
         return x + self.mlp(modulate(self.norm2(x), b2, s2)) * g2
 
 
-class TransformerHead(nn.Module):
+class TransformerHead(EulerSampler, nn.Module):
     """Joint-sampling velocity transformer: x (B, L, C), t (B,), c (B, L, Dz) -> v (B, L, C).
 
     Tokens of one image attend to each other; L is the full grid (position table added) or 1
@@ -249,22 +258,20 @@ def sample_head(
     schedule: FlowSchedule,
     cfg: float = 1.0,
 ) -> torch.Tensor:
-    """The official head sampling loop with explicit starting noise.
+    """The official head sampling loop with explicit starting noise: ``net.sample(...)``.
 
     Args:
-        net: a head, called as ``net(x, t, c)``.
+        net: a head (:class:`MLPHead`, :class:`TransformerHead` or an accelerated subclass,
+            whose ``sample`` overrides the reference loop).
         z: conditions, (N, Dz) for the MLP head or (B, L, Dz) for the transformer head; with
             ``cfg != 1`` z holds [uncond; cond] (2N or 2B rows).
         noise: starting latents, N or B rows, same trailing shape as the head's x.
-        schedule: from :func:`nitro_ar.schedules.head_schedule`.
+        schedule: from :func:`nitro_ar.schedules.head_schedule` (on the host or on z's device).
         cfg: guidance weight; ``v = v_u + cfg (v_c - v_u)``.
     Returns:
         Sampled tokens, like ``noise``, in ``z.dtype``.
     """
-    fast_sample = getattr(net, "sample", None)
-    if fast_sample is not None:  # accelerated heads (nitro_ar.fast) bring their own loop
-        return fast_sample(z, noise, schedule, cfg)
-    return euler_sample(net, z, noise, schedule, cfg)
+    return net.sample(z, noise, schedule, cfg)
 
 
 def euler_sample(net: nn.Module, z: torch.Tensor, noise: torch.Tensor, schedule: FlowSchedule, cfg: float = 1.0) -> torch.Tensor:

@@ -8,23 +8,132 @@ device (CPU generator: the same numbers on every device), in float32, then cast:
   image, then by position).
 - ``joint_gan``: ``randn(B, 1, C)`` for the global token; one ``randperm(L)`` per image; then,
   per AR step, ``randn(B, L, C)``.
+
+All of them are drawn before the first backbone call. The AR loop itself never reads a device
+value on the host: what depends only on the step (mask lengths, rows predicted per image, head
+step counts, guidance weights) is a host-side :class:`SamplingPlan`, and each step's tokens are
+gathered and scattered through index tensors built once from the orders on the device.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence, Union
+import math
+import numbers
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
 from .checkpoint import PretrainedMixin
 from .config import NitroARConfig
-from .heads import FlowHead, MLPHead, TransformerHead, head_steps_schedule, sample_head
+from .errors import invalid
+from .heads import FlowHead, MLPHead, TransformerHead, head_steps_schedule
 from .layers import RMSNorm
 from .mmdit import EMMDiTTrunk, GELUTanh, compress_tokens, reconstruct_tokens, shuffle_body
-from .schedules import cfg_for_step, mar_mask_len, step_head_counts
+from .schedules import FlowSchedule, cfg_for_step, mar_mask_len, step_head_counts
 from .utils import check_tensor
 
-__all__ = ["NitroAR"]
+__all__ = ["NitroAR", "SamplingPlan", "ARStepPlan", "EagerSession"]
+
+
+@dataclass(frozen=True)
+class ARStepPlan:
+    """Host numbers of one AR step: they depend on the step and the options, never on data.
+
+    In every image the step predicts the positions ``orders[b, lo:hi]``, taken in ascending
+    order (the official row order: image, then position), ``rows = hi - lo`` tokens per image.
+    Its starting noise is rows ``noise_offset : noise_offset + noise_rows`` of the plan's noise.
+    """
+
+    index: int
+    mask_len: int  # tokens left masked after this step
+    lo: int
+    hi: int
+    head_steps: int
+    cfg: float  # guidance weight of this step
+    noise_offset: int
+    noise_rows: int
+    reset: bool = False  # joint_gan, first step: positions not predicted return to the mask token
+
+    @property
+    def rows(self) -> int:
+        return self.hi - self.lo
+
+    @property
+    def runs(self) -> bool:
+        """False for a step that predicts nothing and changes nothing (more AR steps than tokens)."""
+        return self.rows > 0 or self.reset
+
+
+@dataclass(frozen=True)
+class SamplingPlan:
+    """Everything :meth:`NitroAR.generate` decides on the host before its loop (hashable: the
+    key of captured graphs). ``global_head_steps`` is 0 for ``gan``."""
+
+    batch: int
+    seq: int
+    chans: int
+    joint: bool
+    guided: bool
+    steps: Tuple[ARStepPlan, ...]
+    global_head_steps: int = 0
+    global_cfg: float = 1.0
+
+    @property
+    def noise_rows(self) -> int:
+        return sum(step.noise_rows for step in self.steps)
+
+    @property
+    def head_counts(self) -> Tuple[int, ...]:
+        """Distinct head step counts (one device schedule each)."""
+        counts = {step.head_steps for step in self.steps if step.runs}
+        return tuple(sorted(counts | ({self.global_head_steps} if self.joint else set())))
+
+    def positions(self, orders: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        """Per step, the (B, rows) int64 positions it predicts, ascending within each image.
+
+        orders: (B, L) generation orders. Built on orders' device; nothing is read on the host.
+        """
+        return tuple(orders[:, step.lo : step.hi].sort(dim=1).values for step in self.steps)
+
+
+class EagerSession:
+    """Runs the phases of a sampling plan as they come: ``buffers[out] = fn(buffers)``.
+
+    The interface the graph runner (:mod:`nitro_ar.fast.graphs`) replays captured phases
+    through: a phase reads only ``buffers`` (and the model's parameters) and returns tensors.
+    """
+
+    def __init__(self, buffers: Dict[str, torch.Tensor]):
+        self.buffers = dict(buffers)
+
+    def phase(self, fn: Callable[[Dict[str, torch.Tensor]], object], out: Union[str, Sequence[str]], *,
+              fresh: bool = False):
+        """Run ``fn(buffers)`` and store its result(s) under ``out``; returns them."""
+        result = fn(self.buffers)
+        if isinstance(out, str):
+            self.buffers[out] = result
+        else:
+            self.buffers.update(zip(out, result))
+        return result
+
+
+def integer_argument(name: str, value, minimum: int) -> int:
+    """``value`` as an int, or InvalidArgumentError (bools and non-integral numbers refused)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise invalid(name, value, f"an integer >= {minimum}")
+    return int(value)
+
+
+def finite_number(name: str, value) -> float:
+    """``value`` as a float, or InvalidArgumentError (bools, NaN and infinities refused)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise invalid(name, value, "a finite number")
+    return float(value)
+
+
+CFG_SCHEDULES = ("constant", "linear")
+HEAD_STEP_SCHEDULES = ("constant", "linear", "cosine", "two-stage")
 
 
 class _ShuffleBlock(nn.Module):
@@ -159,15 +268,125 @@ class NitroAR(EMMDiTTrunk, PretrainedMixin):
         Returns:
             Sampled tokens shaped like ``noise``, in z's dtype.
         """
-        return sample_head(self.diffloss.net, z, noise, self.head_schedule(num_steps), cfg)
+        return self.diffloss.net.sample(z, noise, self.head_schedule(num_steps), cfg)
 
     def global_head_sample(self, z: torch.Tensor, *, num_steps: int, cfg: float = 1.0, noise: torch.Tensor) -> torch.Tensor:
         """joint_gan: sample the global token. z (B or 2B, 1, D), noise (B, 1, C) -> (B, 1, C)."""
-        return sample_head(self.global_net, z, noise, self.head_schedule(num_steps), cfg)
+        return self.global_net.sample(z, noise, self.head_schedule(num_steps), cfg)
 
     # ------------------------------------------------------------------ sampling
+    # Where the phases of generate run: None (eager), or a graph runner set by nitro_ar.fast.
+    sampling_runner = None
+
     def _draw_orders(self, batch: int, generator, device) -> torch.Tensor:
         return torch.stack([torch.randperm(self.seq_len, generator=generator, device=device) for _ in range(batch)])
+
+    def sampling_plan(
+        self,
+        batch: int,
+        *,
+        ar_steps: Optional[int] = None,
+        head_steps: Union[int, Sequence[int], None] = None,
+        cfg: Optional[float] = None,
+        cfg_schedule: str = "constant",
+        head_steps_schedule: str = "constant",
+        head_steps_end: Optional[int] = None,
+        refine: bool = False,
+        global_token_dependency: bool = False,
+    ) -> SamplingPlan:
+        """The host-side plan of :meth:`generate` (arguments as there; validated, named errors)."""
+        conf = self.config
+        batch = integer_argument("batch", batch, 1)
+        ar_steps = conf.ar_steps if ar_steps is None else integer_argument("ar_steps", ar_steps, 1)
+        head_steps = conf.head_steps if head_steps is None else head_steps
+        guidance = finite_number("cfg", conf.cfg if cfg is None else cfg)
+        if cfg_schedule not in CFG_SCHEDULES:
+            raise invalid("cfg_schedule", cfg_schedule, " or ".join(map(repr, CFG_SCHEDULES)))
+        if head_steps_schedule not in HEAD_STEP_SCHEDULES:
+            raise invalid("head_steps_schedule", head_steps_schedule, ", ".join(map(repr, HEAD_STEP_SCHEDULES)))
+        counts = step_head_counts(ar_steps, head_steps, head_steps_schedule, head_steps_end)
+        seq, joint = self.seq_len, self.is_joint
+        steps, still_masked, offset = [], seq, 0
+        for index in range(ar_steps):
+            mask_len = mar_mask_len(index, ar_steps, seq, still_masked)
+            last = index == ar_steps - 1
+            if refine:  # every token not masked any more is (re-)predicted
+                lo, hi = (0, seq) if last else (mask_len, seq)
+            else:  # the tokens unmasked by this step
+                lo, hi = (0, still_masked) if last else (mask_len, still_masked)
+            noise_rows = batch * (seq if joint else hi - lo)
+            steps.append(ARStepPlan(index, mask_len, lo, hi, counts[index], cfg_for_step(guidance, cfg_schedule, seq, mask_len),
+                                    offset, noise_rows, reset=joint and index == 0 and not global_token_dependency))
+            still_masked, offset = mask_len, offset + noise_rows
+        return SamplingPlan(batch, seq, self.config.in_channels, joint, guidance != 1.0, tuple(steps),
+                            global_head_steps=counts[0] if joint else 0, global_cfg=guidance)
+
+    def _draw(self, plan: SamplingPlan, generator, gen_device) -> Dict[str, torch.Tensor]:
+        """Every random number of one generate call, in the documented order, on the model's device."""
+        device, dtype = self.device, self.dtype
+
+        def randn(*shape):
+            return torch.randn(*shape, generator=generator, device=gen_device)
+
+        drawn = {}
+        if plan.joint:
+            drawn["global_noise"] = randn(plan.batch, 1, plan.chans).to(device=device, dtype=dtype)
+        drawn["orders"] = self._draw_orders(plan.batch, generator, gen_device).to(device)
+        shapes = [(plan.batch, plan.seq, plan.chans) if plan.joint else (step.noise_rows, plan.chans) for step in plan.steps]
+        drawn["noise"] = torch.cat([randn(*shape).reshape(-1, plan.chans) for shape in shapes]).to(device=device, dtype=dtype)
+        return drawn
+
+    def _mask_tokens(self, plan: SamplingPlan) -> torch.Tensor:
+        return self.mask_token.to(self.dtype).expand(plan.batch, plan.seq, plan.chans)
+
+    def _global_phase(self, plan: SamplingPlan):
+        """joint_gan: the global token's backbone pass and head loop -> (B, L, C) starting tokens."""
+
+        def run(b: Dict[str, torch.Tensor]) -> torch.Tensor:
+            schedule = FlowSchedule(b[f"timesteps{plan.global_head_steps}"], b[f"sigmas{plan.global_head_steps}"])
+            token = self.global_net.sample(self.global_backbone(b["text"]), b["global_noise"], schedule, plan.global_cfg)
+            return token.expand(plan.batch, plan.seq, plan.chans)
+
+        return run
+
+    def _step_phase(self, plan: SamplingPlan, step: ARStepPlan, source: str):
+        """One AR step: backbone on [uncond; cond], the head's sampling loop with CFG, the token
+        scatter. Reads ``buffers[source]`` (tokens), returns the new (B, L, C) tokens."""
+        batch, seq, chans = plan.batch, plan.seq, plan.chans
+
+        def run(b: Dict[str, torch.Tensor]) -> torch.Tensor:
+            tokens = b[source]
+            z = self.backbone(torch.cat([tokens, tokens]) if plan.guided else tokens, b["text"])
+            noise = b["noise"][step.noise_offset : step.noise_offset + step.noise_rows]
+            positions = b[f"positions{step.index}"]
+            schedule = FlowSchedule(b[f"timesteps{step.head_steps}"], b[f"sigmas{step.head_steps}"])
+            index = positions.unsqueeze(-1).expand(-1, -1, chans)
+            if plan.joint:
+                sampled = self.diffloss.net.sample(z, noise.view(batch, seq, chans), schedule, step.cfg)
+                base = self._mask_tokens(plan) if step.reset else tokens
+                return base.scatter(1, index, sampled.gather(1, index))
+            groups = 2 if plan.guided else 1
+            rows = positions.unsqueeze(-1).expand(groups, -1, -1, z.shape[-1])
+            z_rows = z.unflatten(0, (groups, batch)).gather(2, rows).flatten(0, 2)  # (G B rows, D)
+            sampled = self.diffloss.net.sample(z_rows, noise, schedule, step.cfg)
+            return tokens.scatter(1, index, sampled.view(batch, step.rows, chans))
+
+        return run
+
+    def _session(self, plan: SamplingPlan, inputs: Dict[str, torch.Tensor]):
+        """The session the phases run in: eager, or replayed from graphs by ``sampling_runner``."""
+
+        def constants() -> Dict[str, torch.Tensor]:
+            made = {}
+            for count in plan.head_counts:
+                schedule = self.head_schedule(count)
+                made[f"timesteps{count}"] = schedule.timesteps.to(self.device, copy=True)  # owned, never the cached table
+                made[f"sigmas{count}"] = schedule.sigmas.to(self.device, copy=True)
+            return made
+
+        if self.sampling_runner is None:
+            return EagerSession({**inputs, **constants()})
+        return self.sampling_runner.session(self, ("NitroAR", plan), inputs, constants)
 
     @torch.no_grad()
     def generate(
@@ -189,12 +408,13 @@ class NitroAR(EMMDiTTrunk, PretrainedMixin):
         """Generate image latents with masked AR sampling.
 
         Args:
-            text_emb: (B, Lt, C_text) prompt embeddings.
+            text_emb: (B, Lt, C_text) prompt embeddings, B >= 1.
             uncond_emb: (1 or B, Lt, C_text) empty-prompt embeddings; required when cfg != 1.
-            ar_steps: AR iterations (default: the config's, 20 for gan, 1 for joint_gan).
+            ar_steps: AR iterations, an integer >= 1 (default: the config's, 20 for gan, 1 for
+                joint_gan).
             head_steps: Euler steps of the head per AR step (default 3 gan / 6 joint_gan), or a
                 list with one count per AR step.
-            cfg: guidance weight (default 4.0); ``cfg_schedule`` "constant" or "linear".
+            cfg: guidance weight, finite (default 4.0); ``cfg_schedule`` "constant" or "linear".
             head_steps_schedule, head_steps_end: DiSA step annealing ("linear", "cosine",
                 "two-stage") from ``head_steps`` down to ``head_steps_end``.
             refine: re-predict every already generated token at each step (not only new ones).
@@ -206,71 +426,37 @@ class NitroAR(EMMDiTTrunk, PretrainedMixin):
             (B, C, H, W) latents in the model's scaled latent space (divide by
             ``config.scaling_factor`` before the VAE decoder).
         """
-        cfg_ = self.config
-        ar_steps = cfg_.ar_steps if ar_steps is None else int(ar_steps)
-        head_steps = cfg_.head_steps if head_steps is None else head_steps
-        guidance = cfg_.cfg if cfg is None else float(cfg)
-        if ar_steps < 1:
-            raise ValueError(f"ar_steps must be >= 1, got {ar_steps}")
-        counts = step_head_counts(ar_steps, head_steps, head_steps_schedule, head_steps_end)
         self._check_text(text_emb)
-        batch, device, dtype = text_emb.shape[0], self.device, self.dtype
-        text_emb = text_emb.to(device=device, dtype=dtype)
-        guided = guidance != 1.0
-        if guided:
+        plan = self.sampling_plan(
+            text_emb.shape[0], ar_steps=ar_steps, head_steps=head_steps, cfg=cfg, cfg_schedule=cfg_schedule,
+            head_steps_schedule=head_steps_schedule, head_steps_end=head_steps_end, refine=refine,
+            global_token_dependency=global_token_dependency,
+        )
+        batch, device, dtype = plan.batch, self.device, self.dtype
+        text_in = text_emb.to(device=device, dtype=dtype)
+        if plan.guided:
             if uncond_emb is None:
-                raise ValueError("uncond_emb is required when cfg != 1")
+                raise invalid("uncond_emb", None, "(1 or B, Lt, C_text) empty-prompt embeddings when cfg != 1")
             self._check_text(uncond_emb)
             if uncond_emb.shape[0] not in (1, batch) or uncond_emb.shape[1] != text_emb.shape[1]:
-                raise ValueError(f"uncond_emb {tuple(uncond_emb.shape)} does not fit text_emb {tuple(text_emb.shape)}")
-            uncond = uncond_emb.to(device=device, dtype=dtype).expand(batch, -1, -1)
-            text_in = torch.cat([uncond, text_emb])
-        else:
-            text_in = text_emb
+                raise invalid("uncond_emb", tuple(uncond_emb.shape),
+                              f"(1 or {batch}, {text_emb.shape[1]}, C_text) to fit text_emb {tuple(text_emb.shape)}")
+            text_in = torch.cat([uncond_emb.to(device=device, dtype=dtype).expand(batch, -1, -1), text_in])
         gen_device = generator.device if generator is not None else device
-        chans, seq = cfg_.in_channels, self.seq_len
-
-        def randn(*shape):
-            return torch.randn(*shape, generator=generator, device=gen_device).to(device=device, dtype=dtype)
-
-        def doubled(x):
-            return torch.cat([x, x]) if guided else x
-
-        if self.is_joint:
-            global_noise = randn(batch, 1, chans)
-            global_token = self.global_head_sample(
-                self.global_backbone(text_in), num_steps=counts[0], cfg=guidance, noise=global_noise
-            )
-            tokens = global_token.expand(batch, seq, chans).clone()
+        session = self._session(plan, {"text": text_in, **self._draw(plan, generator, gen_device)})
+        session.phase(lambda b: plan.positions(b["orders"]),
+                      [f"positions{step.index}" for step in plan.steps])
+        if plan.joint:
+            tokens = session.phase(self._global_phase(plan), "tokens0")
         else:
-            tokens = self.mask_token.to(dtype).expand(batch, seq, chans).clone()
-        orders = self._draw_orders(batch, generator, gen_device).to(device)
-        mask = torch.ones(batch, seq, dtype=torch.bool, device=device)
-        for step in range(ar_steps):
-            z = self.backbone(doubled(tokens), text_in)
-            mask_len = mar_mask_len(step, ar_steps, seq, int(mask.sum(-1)[0]))
-            mask_next = torch.zeros_like(mask).scatter_(1, orders[:, :mask_len], True)
-            last = step == ar_steps - 1
-            if refine:
-                to_pred = torch.ones_like(mask) if last else ~mask_next
-            else:
-                to_pred = mask if last else mask & ~mask_next
-            mask = mask_next
-            weight = cfg_for_step(guidance, cfg_schedule, seq, mask_len)
-            new_tokens = tokens.clone()
-            if self.is_joint:
-                sampled = self.head_sample(z, num_steps=counts[step], cfg=weight, noise=randn(batch, seq, chans))
-                if not global_token_dependency and step == 0:
-                    new_tokens = self.mask_token.to(dtype).expand(batch, seq, chans).clone()
-                new_tokens[to_pred] = sampled[to_pred]
-            else:
-                rows = to_pred.nonzero(as_tuple=True)
-                z_rows = torch.cat([z[:batch][rows], z[batch:][rows]]) if guided else z[rows]
-                new_tokens[rows] = self.head_sample(
-                    z_rows, num_steps=counts[step], cfg=weight, noise=randn(rows[0].numel(), chans)
-                )
-            tokens = new_tokens
+            tokens = session.phase(lambda b: self._mask_tokens(plan), "tokens0")
+        source = "tokens0"
+        for step in plan.steps:
+            if step.runs:  # ping-pong between two token buffers: a captured step never reads what it writes
+                target = "tokens1" if source == "tokens0" else "tokens0"
+                tokens = session.phase(self._step_phase(plan, step, source), target, fresh=callback is not None)
+                source = target
             if callback is not None:
-                callback(step, tokens)
-        grid = cfg_.grid_size
-        return tokens.reshape(batch, grid, grid, chans).permute(0, 3, 1, 2).contiguous()
+                callback(step.index, tokens)
+        grid = self.config.grid_size
+        return session.buffers[source].reshape(batch, grid, grid, plan.chans).permute(0, 3, 1, 2).contiguous()

@@ -14,6 +14,7 @@ from .checkpoint import PretrainedMixin
 from .config import NitroEConfig
 from .layers import timestep_embedding
 from .mmdit import EMMDiTTrunk, GELUTanh, compress_tokens, reconstruct_tokens, shuffle_body
+from .nitro_ar_model import EagerSession, finite_number, integer_argument
 from .schedules import euler_step, flow_schedule
 from .utils import check_tensor
 
@@ -100,6 +101,8 @@ class NitroE(EMMDiTTrunk, PretrainedMixin):
     """Nitro-E velocity predictor: ``model(latents, text, timestep) -> velocity``."""
 
     config_class = NitroEConfig
+    # Where the Euler steps of generate run: None (eager), or a graph runner set by nitro_ar.fast.
+    sampling_runner = None
 
     def __init__(self, config: NitroEConfig):
         super().__init__()
@@ -174,8 +177,8 @@ class NitroE(EMMDiTTrunk, PretrainedMixin):
             (B, C, H, W) scaled latents.
         """
         conf = self.config
-        steps = conf.steps if steps is None else int(steps)
-        guidance = conf.cfg if cfg is None else float(cfg)
+        steps = conf.steps if steps is None else integer_argument("steps", steps, 1)
+        guidance = finite_number("cfg", conf.cfg if cfg is None else cfg)
         check_tensor("text_emb", text_emb, 3, conf.caption_channels)
         batch, device, dtype = text_emb.shape[0], self.device, self.dtype
         text_in = text_emb.to(device=device, dtype=dtype)
@@ -192,16 +195,36 @@ class NitroE(EMMDiTTrunk, PretrainedMixin):
             latents = torch.randn(shape, generator=generator, device=gen_device)
         elif tuple(latents.shape) != shape:
             raise ValueError(f"latents {tuple(latents.shape)}: expected {shape}")
-        x = latents.to(device=device, dtype=dtype)
         schedule = flow_schedule(steps, num_train_timesteps=conf.num_train_timesteps, shift=conf.shift)
-        timesteps = schedule.timesteps.to(device)
+        inputs = {"text": text_in, "latents": latents.to(device=device, dtype=dtype)}
+
+        def constants():
+            return {"timesteps": schedule.timesteps.to(device, copy=True), "sigmas": schedule.sigmas.to(device, copy=True)}
+
+        if self.sampling_runner is None:
+            session = EagerSession({**inputs, **constants()})
+        else:
+            session = self.sampling_runner.session(self, ("NitroE", steps, guidance, guided), inputs, constants)
+        source = "latents"
         for i in range(steps):
-            x_in = torch.cat([x, x]) if guided else x
-            v = self(x_in, text_in, timesteps[i].expand(x_in.shape[0]))
-            if guided:
-                v_uncond, v_cond = v.chunk(2)
-                v = v_uncond + guidance * (v_cond - v_uncond)
-            x = euler_step(x, v, schedule.sigmas[i], schedule.sigmas[i + 1])
+            target = "x1" if source != "x1" else "x0"  # never write what the step reads
+            x = session.phase(self._euler_phase(i, guidance if guided else None, source), target,
+                              fresh=callback is not None or i == steps - 1)
+            source = target
             if callback is not None:
                 callback(i, x)
         return x
+
+    def _euler_phase(self, i: int, guidance: Optional[float], source: str):
+        """Euler step i from ``buffers[source]``: velocity (guided when ``guidance`` is given), update."""
+
+        def run(b):
+            x = b[source]
+            x_in = torch.cat([x, x]) if guidance is not None else x
+            v = self(x_in, b["text"], b["timesteps"][i].expand(x_in.shape[0]))
+            if guidance is not None:
+                v_uncond, v_cond = v.chunk(2)
+                v = v_uncond + guidance * (v_cond - v_uncond)
+            return euler_step(x, v, b["sigmas"][i], b["sigmas"][i + 1])
+
+        return run

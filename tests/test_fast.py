@@ -6,7 +6,6 @@ import torch
 
 import nitro_ar.fast as fast
 from factories import TEXT_WIDTH, tiny_ar, tiny_e
-from nitro_ar.fast.graphs import GraphCache, _Entry, disable_graphs, enable_graphs
 from nitro_ar.mmdit import JointTransformerBlock
 
 # One block per group keeps the interpreter runs short; all code paths are still taken.
@@ -126,53 +125,6 @@ def test_unsupported_dtype_falls_back_with_one_warning():
     assert messages and all("float64" in m for m in messages)
     assert len(messages) == len(set(messages))  # once per op and reason
     _close(out, ref, 1e-9)
-
-
-def _eager_capture(fn, inputs):
-    """Stands in for a CUDA graph on CPU: static buffers in, static output replaced on replay."""
-    entry = _Entry(replay=lambda: entry.output.copy_(fn(*entry.inputs)), inputs=inputs, output=fn(*inputs))
-    return entry
-
-
-def test_graph_cache_keys_and_replays():
-    model = tiny_ar("gan")
-    text, uncond = _text(1), _text(1, seed=1)
-    ref = model.generate(text, uncond, ar_steps=4, generator=torch.Generator().manual_seed(0))
-    cache = enable_graphs(model, GraphCache(capture=_eager_capture))
-    out = model.generate(text, uncond, ar_steps=4, generator=torch.Generator().manual_seed(0))
-    _close(out, ref, 1e-6)
-    keys = list(cache.entries)
-    assert sum(k[0] == "backbone" for k in keys) == 1  # one shape for every AR step
-    head_keys = [k for k in keys if k[0] == "head"]
-    assert len(head_keys) == len({k[-1][0] for k in head_keys}) == 4  # one per predicted-row count
-    captures = cache.captures
-    model.generate(text, uncond, ar_steps=4, generator=torch.Generator().manual_seed(0))
-    assert cache.captures == captures and cache.replays >= 2 * 8
-    disable_graphs(model)
-    assert "backbone" not in model.__dict__ and "sample" not in model.diffloss.net.__dict__
-
-
-def test_graph_capture_failure_falls_back_to_eager():
-    def failing_capture(fn, inputs):
-        raise RuntimeError("operation not permitted when stream is capturing")
-
-    model = tiny_ar("joint_gan")
-    text, uncond = _text(1), _text(1, seed=1)
-    ref = model.generate(text, uncond, generator=torch.Generator().manual_seed(0))
-    enable_graphs(model, GraphCache(capture=failing_capture))
-    with pytest.warns(RuntimeWarning, match="graph capture failed"):
-        out = model.generate(text, uncond, generator=torch.Generator().manual_seed(0))
-    _close(out, ref, 1e-6)
-
-
-def test_graphs_for_nitro_e_forward():
-    model = tiny_e()
-    text = _text(1)
-    ref = model.generate(text, steps=2, cfg=1.0, generator=torch.Generator().manual_seed(0))
-    cache = enable_graphs(model, GraphCache(capture=_eager_capture))
-    out = model.generate(text, steps=2, cfg=1.0, generator=torch.Generator().manual_seed(0))
-    _close(out, ref, 1e-6)
-    assert [k[0] for k in cache.entries] == ["forward"] and cache.replays == 2
 
 
 def test_works_without_triton_installed():

@@ -21,6 +21,7 @@ from nitro_ar.fast.heads import (
     guided_flow_step,
 )
 from nitro_ar.heads import (
+    EulerSampler,
     HeadAttention,
     MLPHead,
     TransformerHead,
@@ -109,16 +110,17 @@ def test_restore_brings_back_the_reference(make):
     fast.restore(head)
     assert [type(m) for m in head.modules()] == [type(m) for m in reference.modules()]
     assert not any(hasattr(m, "backend") or hasattr(m, "modulation") or hasattr(m, "mlp_in") for m in head.modules())
-    assert not hasattr(head, "sample")
+    assert type(head).sample is EulerSampler.sample  # the reference loop again
     for key, value in reference.state_dict().items():
         assert torch.equal(head.state_dict()[key], value), key
 
 
-def test_a_head_prepared_alone_gets_fast_blocks():
-    """``prepare_fast`` on a bare head swaps its blocks and attention too."""
-    head = copy.deepcopy(transformer_head())
-    head.__class__ = FastTransformerHead
-    head.prepare_fast("torch")
+def test_a_head_accelerated_alone_gets_fast_blocks_and_sampler():
+    """``accelerate`` on a bare head swaps its blocks and attention too (one swap helper), and
+    its ``sample`` overrides the reference loop (no attribute is set on the instance)."""
+    head = fast.accelerate(copy.deepcopy(transformer_head()), backend="torch", graphs=False)
+    assert type(head) is FastTransformerHead and "sample" not in head.__dict__
+    assert type(head).sample is not EulerSampler.sample
     assert all(type(block) is FastTransformerHeadBlock for block in head.res_blocks)
     assert all(type(block.attn) is FastHeadAttention for block in head.res_blocks)
 

@@ -19,12 +19,15 @@ from typing import Dict, Optional, Type
 
 from torch import nn
 
+from ..errors import invalid
 from ..kernels.backend import select_backend
 from ..mmdit import JointAttention, JointTransformerBlock
+from ..nitro_ar_model import NitroAR
+from ..nitro_e_model import NitroE
 from .backbone import FastJointAttention, FastJointTransformerBlock
 from .heads import FAST_HEAD_CLASSES
 
-__all__ = ["accelerate", "restore", "is_accelerated", "backend_of", "FAST_CLASSES", "FastJointAttention", "FastJointTransformerBlock"]
+__all__ = ["accelerate", "restore", "is_accelerated", "backend_of", "swap_classes", "FAST_CLASSES", "FastJointAttention", "FastJointTransformerBlock"]
 
 # reference class -> accelerated drop-in (a subclass with the same parameters)
 FAST_CLASSES: Dict[Type[nn.Module], Type[nn.Module]] = {
@@ -35,20 +38,40 @@ FAST_CLASSES: Dict[Type[nn.Module], Type[nn.Module]] = {
 _REFERENCE_OF = {fast: ref for ref, fast in FAST_CLASSES.items()}
 
 
-def _target(model: nn.Module) -> nn.Module:
-    """The network inside a pipeline, or the model itself."""
-    inner = getattr(model, "model", None)
-    return inner if isinstance(inner, nn.Module) else model
+def swap_classes(root: nn.Module, backend: Optional[str]) -> None:
+    """The one mechanism of the fast path: every submodule of ``root`` (itself included) whose
+    class has a drop-in becomes it (``backend`` given: ``prepare_fast(backend)`` after the
+    swap), or, with ``backend=None``, goes back to its reference class (``release_fast()``
+    first). Drop-ins subclass their reference, so parameters and buffers stay where they are."""
+    for module in list(root.modules()):
+        if backend is not None and type(module) in FAST_CLASSES:
+            module.__class__ = FAST_CLASSES[type(module)]
+            module.prepare_fast(backend)
+        elif backend is None and type(module) in _REFERENCE_OF:
+            module.release_fast()
+            module.__class__ = _REFERENCE_OF[type(module)]
+
+
+def _target(model) -> nn.Module:
+    """The network of a pipeline, or the model itself."""
+    from ..pipeline import _Pipeline
+
+    if isinstance(model, _Pipeline):
+        return model.model
+    if isinstance(model, nn.Module):
+        return model
+    raise invalid("model", type(model).__name__, "a NitroAR / NitroE model, one of their modules, or a pipeline")
 
 
 def accelerate(model, *, backend: Optional[str] = None, graphs: bool = True):
     """Swap the accelerated drop-ins into a loaded ``NitroAR`` / ``NitroE`` (or pipeline), in place.
 
     Args:
-        model: a model or a pipeline (its ``.model`` is accelerated).
+        model: a model (or a module of one, e.g. a head) or a pipeline (its ``.model``).
         backend: "triton" | "interpret" | "torch" | "reference"; default by device (and
             ``NITRO_AR_BACKEND``), announced once in the log.
-        graphs: on a GPU, replay the sampling loops from captured CUDA/HIP graphs.
+        graphs: on a GPU, replay each sampling step of ``generate`` from a captured CUDA/HIP
+            graph (:mod:`nitro_ar.fast.graphs`).
     Returns:
         ``model`` (the same object).
     """
@@ -59,13 +82,9 @@ def accelerate(model, *, backend: Optional[str] = None, graphs: bool = True):
         restore(target)
     if chosen == "reference":
         return model
-    for module in target.modules():
-        fast_cls = FAST_CLASSES.get(type(module))
-        if fast_cls is not None:
-            module.__class__ = fast_cls
-            module.prepare_fast(chosen)
+    swap_classes(target, chosen)
     target._nitro_fast_backend = chosen
-    if graphs and device.type == "cuda":
+    if graphs and device.type == "cuda" and isinstance(target, (NitroAR, NitroE)):
         from .graphs import enable_graphs
 
         enable_graphs(target)
@@ -73,15 +92,11 @@ def accelerate(model, *, backend: Optional[str] = None, graphs: bool = True):
 
 
 def restore(model):
-    """Undo :func:`accelerate`: the reference classes come back (weights untouched)."""
-    target = _target(model)
-    for module in target.modules():
-        ref_cls = _REFERENCE_OF.get(type(module))
-        if ref_cls is not None:
-            module.release_fast()
-            module.__class__ = ref_cls
+    """Undo :func:`accelerate`: the reference classes come back (weights untouched), graphs freed."""
     from .graphs import disable_graphs
 
+    target = _target(model)
+    swap_classes(target, None)
     disable_graphs(target)
     target.__dict__.pop("_nitro_fast_backend", None)
     return model

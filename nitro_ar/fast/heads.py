@@ -11,8 +11,9 @@ Drop-ins (same parameters and state-dict keys as the reference classes they subc
   (B, L, 3, H, 64) by the fused attention kernel (kernel 4), whose (B, L, H, 64) output feeds
   the output projection as (B, L, H * 64) without a copy.
 
-Both fast heads also bring ``sample(z, noise, schedule, cfg)``, the hook that
-:func:`nitro_ar.heads.sample_head` dispatches to (kernel 3 and its joint equivalent):
+Both fast heads override the reference heads' ``sample(z, noise, schedule, cfg)`` (what
+:func:`nitro_ar.heads.sample_head` and ``NitroAR.generate`` call) with a fused sampler
+(kernel 3 and its joint equivalent):
 
 - step-invariant work runs once per call (once per AR iteration): ``cond_embed(z)`` (and
   ``c_norm`` for the transformer head), the time embedding of every step of the schedule in
@@ -95,16 +96,6 @@ def guided_flow_step(x: torch.Tensor, v: torch.Tensor, sigma: torch.Tensor, sigm
     return reference.flow_step(x, v, sigma, sigma_next, cfg)
 
 
-def _accelerate_submodules(module: nn.Module, backend: str) -> None:
-    """Swap the head drop-ins into ``module``'s reference submodules (``accelerate`` does this
-    too; a head prepared on its own needs its fast blocks)."""
-    for child in module.modules():
-        fast_cls = FAST_HEAD_CLASSES.get(type(child))
-        if fast_cls is not None:
-            child.__class__ = fast_cls
-            child.prepare_fast(backend)
-
-
 class _FastFlowHead:
     """The multi-step sampler shared by the fast heads, and their fast-path bookkeeping.
 
@@ -119,7 +110,6 @@ class _FastFlowHead:
     def prepare_fast(self, backend: str) -> None:
         self.backend = backend
         self.modulation = FusedLinear(self._modulated_linears())
-        _accelerate_submodules(self, backend)
 
     def release_fast(self) -> None:
         for name in ("backend", "modulation"):
