@@ -412,17 +412,20 @@ def gpu_autocast():
 
 
 def train_sites(name: str, model, batch: int):
-    """(site, thunk) pairs of one bf16-autocast training step (forward + backward) at ``batch``."""
+    """(site, thunk) pairs of one training step (forward + backward) at ``batch`` images, in the
+    weights' dtype; with float32 weights under bf16 autocast, as Accelerate's bf16 training."""
     import torch
 
     cfg, device = model.config, torch.device("cuda")
+    dtype = next(model.parameters()).dtype
+    autocast = gpu_autocast if dtype == torch.float32 else contextlib.nullcontext
 
     def randn(*shape):
-        return torch.randn(*shape, device=device)
+        return torch.randn(*shape, device=device, dtype=dtype)
 
     def step():
         text = randn(batch, cfg.text_max_length, cfg.caption_channels)
-        with gpu_autocast():
+        with autocast():
             if name == "nitro_e":
                 loss = model(randn(batch, cfg.in_channels, cfg.grid_size, cfg.grid_size), text,
                              torch.full((batch,), 500.0, device=device)).float().sum()
@@ -481,6 +484,12 @@ def summarize(entries: List[dict]) -> Dict[str, dict]:
     return summary
 
 
+# (mode, weight dtype, sites): guided sampling, a bf16 training step, and a training step of
+# float32 weights under bf16 autocast.
+MODES = (("sample", "bfloat16", sample_sites), ("train", "bfloat16", train_sites),
+         ("train-autocast", "float32", train_sites))
+
+
 def run_target(target: Target) -> dict:
     """Compile every kernel the full-size workloads launch, for ``target``; the report."""
     import torch
@@ -504,8 +513,8 @@ def run_target(target: Target) -> dict:
         warnings.filterwarnings("ignore", message="Accessing the data pointer of FakeTensor")
         warnings.filterwarnings("ignore", message="nitro_ar: no tuned kernel configs")  # defaults are the subject
         for name, build in model_configs().items():
-            for mode, sites in (("sample", sample_sites), ("train", train_sites)):
-                model = on_fake_gpu(build, torch.bfloat16 if mode == "sample" else torch.float32)
+            for mode, dtype, sites in MODES:
+                model = on_fake_gpu(build, getattr(torch, dtype))
                 fast.accelerate(model, backend="triton", graphs=False)
                 for batch in BATCHES:
                     for site, thunk in sites(name, model, batch):
@@ -526,7 +535,7 @@ def run_target(target: Target) -> dict:
         "toolchain": {"triton": triton.__version__, "torch": torch.__version__,
                       **({"ptxas": ptxas_version()} if target.vendor == "cuda" else {})},
         "workloads": {"models": list(model_configs()), "batches": list(BATCHES), "dtype": "bfloat16",
-                      "sampling": "guided (CFG: 2 x batch rows)", "training": "bf16 autocast, batch rows"},
+                      "sampling": "guided (CFG: 2 x batch rows)", "training": "bf16 weights, and float32 weights under bf16 autocast; batch rows"},
         "compile_seconds": round(time.perf_counter() - started, 1),
         "errors": recorder.errors,
         "defined_kernels": defined_kernels(),
