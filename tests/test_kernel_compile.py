@@ -27,5 +27,6 @@ def test_every_kernel_is_compiled(static_reports, target):
     report = static_reports[target]
     compiled = {f"{entry['module']}.{entry['kernel']}" for entry in report["kernels"]}
     assert compiled == set(report["defined_kernels"])
-    assert len(compiled) >= 9  # modulated norm (fwd, bwd, 2 reductions), attention (fwd, dq, dk/dv), flow step (fwd, bwd)
+    # modulated norm (forward, backward, 2 reductions), attention (forward, dq, dk/dv), flow step (2)
+    assert len(compiled) >= 9
 
