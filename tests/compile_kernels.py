@@ -198,10 +198,15 @@ class Recorder:
         names = fn.arg_names
         constexprs = {names[path[0]]: _jsonable(value) for path, value in kernel.src.constants.items()
                       if len(path) == 1 and names[path[0]] in _constexpr_params(fn)}
+        # The run-time specialisation of the other arguments (16-byte alignment / divisibility
+        # of pointers and integers, 32-bit pointer ranges on AMD).
+        specialised = {names[path[0]]: sorted(f"{attr}={value}" for attr, value in attrs)
+                       for path, attrs in kernel.src.attrs.items() if len(path) == 1 and attrs}
         entry = {
             "kernel": fn.__name__,
             "module": fn.module,
             "constexprs": constexprs,
+            "specialised": specialised,
             "num_warps": meta.num_warps,
             "num_stages": meta.num_stages,
             **{key: getattr(meta, key) for key in HIP_OPTIONS if hasattr(meta, key)},
