@@ -1,4 +1,8 @@
-"""Test-suite set-up: Triton's CPU interpreter, determinism, and shared helpers."""
+"""Test-suite set-up: Triton's CPU interpreter, determinism, the device kernels are tested on,
+and shared fixtures.
+
+Test modules import the device constants: ``from conftest import DEVICE, KERNEL_BACKEND``.
+"""
 import os
 
 # Must be set before Triton is imported anywhere: kernels then run in the CPU interpreter.
@@ -8,7 +12,14 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from hypothesis import settings  # noqa: E402
 
+from nitro_ar.kernels.backend import interpreter_requested  # noqa: E402
+
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# With a GPU and compiled Triton (TRITON_INTERPRET=0) the kernel tests run on the GPU; else on
+# CPU in the Triton interpreter.
+GPU_KERNELS = torch.cuda.is_available() and not interpreter_requested()
+DEVICE = torch.device("cuda") if GPU_KERNELS else torch.device("cpu")
+KERNEL_BACKEND = "triton" if GPU_KERNELS else "interpret"
 # Kernels under the interpreter are slow; keep hypothesis runs small and deadline-free.
 settings.register_profile("nitro", max_examples=12, deadline=None, derandomize=True)
 settings.load_profile("nitro")
@@ -38,3 +49,13 @@ def nan_empty(monkeypatch):
 
     monkeypatch.setattr(torch, "empty", empty)
     monkeypatch.setattr(torch, "empty_like", empty_like)
+
+
+@pytest.fixture(scope="session")
+def static_reports(tmp_path_factory):
+    """{target: report} of tests/compile_kernels.py for sm_90 and gfx942: every kernel compiled
+    through its launcher at the full-size models' shapes, with its static budget. One process
+    per target (in parallel), once per session."""
+    from compile_kernels import run_targets
+
+    return run_targets(tmp_path_factory.mktemp("static"))

@@ -1,17 +1,23 @@
-"""Reduced-size models and tiny random text encoder / VAE for tests (nothing is downloaded)."""
+"""The one factory of reduced-size models for tests, and a tiny random text encoder / VAE
+(nothing is downloaded)."""
 from pathlib import Path
 
 import torch
 
 from nitro_ar import NitroAR, NitroARConfig, NitroE, NitroEConfig
 
-# The acceptance sizes: 2 heads x 32, text width 48, head width 128, head depth 2.
-TINY = dict(num_attention_heads=2, attention_head_dim=32, caption_projection_dim=64, caption_channels=48)
+# The acceptance sizes: 2 heads x 32, text width 48, head width 128, head depth 2; one block
+# per group, which keeps every code path of the released 4 / 16 / 4 layout: the three groups,
+# token compression and reconstruction between them, the context-pre-only last block and, for
+# Nitro-E, all three ASA patterns (blocks 0, 1, 2 are (1, 1), (4, 1), (4, 4)).
+TINY = dict(num_attention_heads=2, attention_head_dim=32, caption_projection_dim=64, caption_channels=48,
+            block_groups=(1, 1, 1))
+TINY_AR = dict(TINY, diffloss_w=128, diffloss_d=2)
 TEXT_WIDTH = 48
 
 
 def tiny_ar_config(variant: str = "gan", **overrides) -> NitroARConfig:
-    return NitroARConfig.for_variant(variant, **{**TINY, "diffloss_w": 128, "diffloss_d": 2, **overrides})
+    return NitroARConfig.for_variant(variant, **{**TINY_AR, **overrides})
 
 
 def tiny_e_config(**overrides) -> NitroEConfig:

@@ -9,7 +9,6 @@ from factories import TEXT_WIDTH, tiny_ar, tiny_e
 from nitro_ar.mmdit import JointTransformerBlock
 
 # One block per group keeps the interpreter runs short; all code paths are still taken.
-SHORT = dict(block_groups=(1, 1, 1))
 
 
 def _text(batch, seed=0, length=16):
@@ -63,7 +62,7 @@ def test_accelerated_model_saves_the_reference_checkpoint(tmp_path):
 @pytest.mark.parametrize("backend", ["torch", "interpret"])
 @pytest.mark.parametrize("variant", ["gan", "joint_gan"])
 def test_backbone_parity(backend, variant):
-    model = tiny_ar(variant, **SHORT)
+    model = tiny_ar(variant)
     tokens, text = torch.randn(2, 256, 32), _text(2)
     with torch.no_grad():
         ref = model.backbone(tokens, text)
@@ -73,7 +72,7 @@ def test_backbone_parity(backend, variant):
 
 @pytest.mark.parametrize("backend", ["torch", "interpret"])
 def test_nitro_e_parity_with_asa(backend):
-    model = tiny_e(**SHORT, asa_pattern=((4, 1), (4, 4), (1, 1)))
+    model = tiny_e(asa_pattern=((4, 1), (4, 4), (1, 1)))
     lat, text, t = torch.randn(2, 32, 16, 16), _text(2), torch.tensor([999.0, 3.5])
     with torch.no_grad():
         ref = model(lat, text, t)
@@ -100,7 +99,7 @@ def test_nitro_e_generate_equals_reference_torch_backend():
 
 
 def test_training_gradients_match_reference():
-    model = tiny_ar("gan", **SHORT)
+    model = tiny_ar("gan")
     tokens, text = torch.randn(1, 256, 32), _text(1)
     model.backbone(tokens, text).square().mean().backward()
     ref = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
@@ -112,7 +111,7 @@ def test_training_gradients_match_reference():
 
 
 def test_unsupported_dtype_falls_back_with_one_warning():
-    model = tiny_ar("gan", **SHORT).double()
+    model = tiny_ar("gan").double()
     tokens, text = torch.randn(1, 256, 32, dtype=torch.float64), _text(1).double()
     with torch.no_grad():
         ref = model.backbone(tokens, text)

@@ -9,6 +9,7 @@ import copy
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+from conftest import DEVICE, GPU_KERNELS, KERNEL_BACKEND
 from factories import TEXT_WIDTH, randomize_, tiny_ar
 
 import nitro_ar.fast as fast
@@ -29,12 +30,9 @@ from nitro_ar.heads import (
     head_steps_schedule,
     sample_head,
 )
-from nitro_ar.kernels.backend import interpreter_requested, select_backend
+from nitro_ar.kernels.backend import select_backend
 from nitro_ar.schedules import FlowSchedule, step_head_counts
 
-GPU_KERNELS = torch.cuda.is_available() and not interpreter_requested()
-DEVICE = torch.device("cuda") if GPU_KERNELS else torch.device("cpu")
-KERNEL_BACKEND = "triton" if GPU_KERNELS else "interpret"
 BACKENDS = [KERNEL_BACKEND, "torch"]
 
 
@@ -361,7 +359,7 @@ GENERATE_CASES = [
 @pytest.mark.parametrize("variant,backend,kwargs", GENERATE_CASES,
                          ids=[f"{v}-{b}-{'-'.join(map(str, k.values()))}" for v, b, k in GENERATE_CASES])
 def test_generate_matches_reference(variant, backend, kwargs):
-    reference = tiny_ar(variant, block_groups=(1, 1, 1), diffloss_d=1).to(DEVICE)
+    reference = tiny_ar(variant, diffloss_d=1).to(DEVICE)
     model = accelerated(reference, backend)
     assert isinstance(model.diffloss.net, FAST_HEAD_CLASSES[type(reference.diffloss.net)])
     # Two images (rows ordered by image) where it is cheap; one under the interpreter.

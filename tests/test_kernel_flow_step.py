@@ -8,18 +8,16 @@ import math
 
 import pytest
 import torch
-from storage import LAYOUTS, in_storage
 
+from conftest import DEVICE, GPU_KERNELS, KERNEL_BACKEND
 from nitro_ar.kernels import flow_step as fs
 from nitro_ar.kernels import reference, tuning_problems
-from nitro_ar.kernels.backend import HIP_ONLY_KEYS, interpreter_requested, select_backend, validate_config
+from nitro_ar.kernels.backend import HIP_ONLY_KEYS, select_backend, validate_config
 from nitro_ar.kernels.errors import KernelInputError
 from nitro_ar.kernels.flow_step import flow_step
 from nitro_ar.schedules import head_schedule
+from storage import LAYOUTS, in_storage
 
-GPU_KERNELS = torch.cuda.is_available() and not interpreter_requested()
-DEVICE = torch.device("cuda") if GPU_KERNELS else torch.device("cpu")
-KERNEL_BACKEND = "triton" if GPU_KERNELS else "interpret"
 SIGMA, SIGMA_NEXT = torch.tensor(0.6667, dtype=torch.float32), torch.tensor(0.3334, dtype=torch.float32)
 
 

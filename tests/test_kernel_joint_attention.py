@@ -8,17 +8,15 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from storage import LAYOUTS, in_storage
 
+from conftest import DEVICE, GPU_KERNELS, KERNEL_BACKEND
 from nitro_ar.kernels import joint_attention as ja
 from nitro_ar.kernels import reference
-from nitro_ar.kernels.backend import interpreter_requested, select_backend, validate_config
+from nitro_ar.kernels.backend import select_backend, validate_config
 from nitro_ar.kernels.errors import KernelInputError
 from nitro_ar.kernels.joint_attention import joint_attention, self_attention
+from storage import LAYOUTS, in_storage
 
-GPU_KERNELS = torch.cuda.is_available() and not interpreter_requested()
-DEVICE = torch.device("cuda") if GPU_KERNELS else torch.device("cpu")
-KERNEL_BACKEND = "triton" if GPU_KERNELS else "interpret"
 PATTERNS = [(1, 1), (4, 1), (4, 4)]  # (groups, group_len): Nitro-E's blocks i % 3 == 0, 1, 2
 NORM_NAMES = ("q_norm_img", "k_norm_img", "q_norm_txt", "k_norm_txt")
 

@@ -10,17 +10,14 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from storage import LAYOUTS, in_storage
 
+from conftest import DEVICE, GPU_KERNELS, KERNEL_BACKEND
 from nitro_ar.kernels import modulated_norm as mn
 from nitro_ar.kernels import reference, tuning_problems
-from nitro_ar.kernels.backend import interpreter_requested, select_backend
+from nitro_ar.kernels.backend import select_backend
 from nitro_ar.kernels.errors import KernelInputError
 from nitro_ar.kernels.modulated_norm import AdaLNAffine, modulated_norm
-
-GPU_KERNELS = torch.cuda.is_available() and not interpreter_requested()
-DEVICE = torch.device("cuda") if GPU_KERNELS else torch.device("cpu")
-KERNEL_BACKEND = "triton" if GPU_KERNELS else "interpret"
+from storage import LAYOUTS, in_storage
 
 # (norm, has weight, has bias)
 NORMS = [("layer", True, True), ("layer", False, False), ("layer", True, False), ("rms", True, False),

@@ -19,7 +19,8 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.training_utils import compute_density_for_timestep_sampling
 
 import nitro_ar.fast
-from nitro_ar import NitroAR, NitroARConfig
+from factories import TINY_AR, tiny_ar_config
+from nitro_ar import NitroAR
 from nitro_ar.checkpoint import CheckpointError, read_state_dict
 from nitro_ar.data import DatasetError, make_synthetic_dataset
 from nitro_ar.objectives import (
@@ -40,9 +41,7 @@ from nitro_ar.train import ConfigError, Trainer, main, parse_config
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXT_SHAPE = (16, 48)
-# The reduced test model, with one block per group to keep 50-step runs short on 2 CPU cores.
-MODEL = dict(num_attention_heads=2, attention_head_dim=32, caption_projection_dim=64, caption_channels=48,
-             diffloss_w=128, diffloss_d=2, block_groups=[1, 1, 1])
+MODEL = TINY_AR  # the reduced test model of tests/factories.py (config JSON of the CLI runs)
 
 
 # Weights after Adam steps computed with another summation order (micro-batches, processes):
@@ -53,7 +52,7 @@ ADAM_TOLERANCE = dict(rtol=1e-4, atol=1e-5)
 
 def tiny_model(variant: str, seed: int = 0) -> NitroAR:
     torch.manual_seed(seed)
-    return NitroAR(NitroARConfig.for_variant(variant, **MODEL))
+    return NitroAR(tiny_ar_config(variant))
 
 
 @pytest.fixture(scope="module")
