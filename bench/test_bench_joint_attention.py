@@ -16,8 +16,8 @@ import functools
 import pytest
 import torch
 import torch.nn.functional as F
-from benchutil import ON_GPU, measure, record_rate, synchronized
 
+from benchutil import ON_GPU, measure, record_rate, synchronized
 from nitro_ar import layers
 from nitro_ar.kernels.joint_attention import joint_attention
 

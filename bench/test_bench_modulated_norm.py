@@ -15,9 +15,9 @@ import functools
 
 import pytest
 import torch
-from benchutil import ON_GPU, measure, record_rate, synchronized
 from torch import nn
 
+from benchutil import ON_GPU, measure, record_rate, synchronized
 from nitro_ar import layers
 from nitro_ar.kernels.modulated_norm import AdaLNAffine, modulated_norm
 

@@ -28,7 +28,7 @@ import signal
 import socket
 import time
 from pathlib import Path
-from typing import Iterator, List, Optional, Set, Union
+from typing import Iterator, List, Set, Union
 
 __all__ = [
     "TEMP_SUFFIX",

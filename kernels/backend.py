@@ -153,7 +153,8 @@ def select_backend(device: torch.device, requested: Optional[str] = None) -> str
                 _announce(f"nitro_ar: Triton kernels need a GPU (tensors on {device.type}); using the torch backend")
                 return "torch"
         if choice == "interpret" and not interpreter_requested():
-            _announce("nitro_ar: the Triton interpreter must be enabled with TRITON_INTERPRET=1 before Triton is imported; using the torch backend")
+            _announce("nitro_ar: the Triton interpreter must be enabled with TRITON_INTERPRET=1 before Triton "
+                      "is imported; using the torch backend")
             return "torch"
         if choice == "interpret" and device.type != "cpu":
             raise KernelInputError(f"backend='interpret' is not accepted for tensors on {device.type}: "

@@ -277,7 +277,8 @@ def check_state_dict(model: nn.Module, state: Dict[str, torch.Tensor], source: s
         parts.append(_listing("non-floating-point tensors", not_float))
     try:
         fitting = infer_config(state)
-        parts.append(f"a config that fits this checkpoint: {type(fitting).__name__}.from_dict({json.dumps(fitting.to_dict(), sort_keys=True)})")
+        fitting_json = json.dumps(fitting.to_dict(), sort_keys=True)
+        parts.append(f"a config that fits this checkpoint: {type(fitting).__name__}.from_dict({fitting_json})")
     except (CheckpointError, KeyError, ValueError, IndexError):
         pass
     raise CheckpointError("; ".join(parts))

@@ -153,13 +153,15 @@ def build_parser() -> argparse.ArgumentParser:
                      help="text file (one prompt per line) or JSONL ({\"prompt\": ...} per line, e.g. GenEval's evaluation_metadata.jsonl)")
     gen.add_argument("--negative-prompt", help="unconditional prompt of guidance (default: the empty prompt, as officially)")
     gen.add_argument("--images-per-prompt", type=_positive_int, default=1, help="images per prompt (GenEval: 4)")
-    gen.add_argument("--batch-size", type=_positive_int, default=1, help="images per forward pass (Nitro-AR: part of what an image depends on)")
+    gen.add_argument("--batch-size", type=_positive_int, default=1,
+                     help="images per forward pass (Nitro-AR: part of what an image depends on)")
     gen.add_argument("--seed", type=int, default=0, help="run seed; each image's seed derives from (seed, prompt index, image index)")
     gen.add_argument("--steps", type=_positive_int, help="AR steps (Nitro-AR) or flow steps (Nitro-E)")
     gen.add_argument("--head-steps", type=_positive_int, dest="head_steps", help="Euler steps of the head per AR step")
     gen.add_argument("--cfg", type=_finite_float, help="guidance weight")
     gen.add_argument("--dtype", choices=list(DTYPES), default="fp32")
-    gen.add_argument("--device", type=_device_name, help="e.g. cuda, cuda:1, cpu (default: GPU when present; under accelerate/torchrun: each process's own)")
+    gen.add_argument("--device", type=_device_name,
+                     help="e.g. cuda, cuda:1, cpu (default: GPU when present; under accelerate/torchrun: each process's own)")
     gen.add_argument("--backend", choices=["auto", "triton", "interpret", "torch", "reference"],
                      help="nitro_ar.fast backend (default reference, the eager model; auto: by device)")
     gen.add_argument("--fast", action="store_true", help="same as --backend auto")

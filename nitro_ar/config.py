@@ -10,8 +10,6 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 
 from .errors import ConfigError, invalid
 
-from .errors import ConfigError, invalid
-
 VARIANTS = ("gan", "joint_gan")
 QK_NORMS = (None, "rms_norm")
 

@@ -58,9 +58,9 @@ except ImportError as _err:  # the `train` extra
     raise ImportError("nitro_ar.data reads and writes MDS datasets with mosaicml-streaming: "
                       "pip install 'nitro-ar[train]'") from _err
 
-from .io import write_safetensors_atomic, write_text_atomic
 from .encoders import SCALING_FACTOR
 from .errors import DatasetError, invalid
+from .io import write_safetensors_atomic, write_text_atomic
 
 logger = logging.getLogger("nitro_ar.data")
 

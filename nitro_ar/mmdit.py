@@ -5,7 +5,6 @@ Module and parameter names follow the official checkpoints, so a state dict load
 from __future__ import annotations
 
 import abc
-
 from typing import Optional, Tuple
 
 import torch

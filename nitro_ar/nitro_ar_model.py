@@ -214,7 +214,8 @@ class NitroAR(EMMDiTTrunk, PretrainedMixin):
         check_tensor("tokens", tokens, 3, self.config.in_channels)
         self._check_text(text)
         if tokens.shape[1] != self.seq_len or tokens.shape[0] != text.shape[0]:
-            raise ValueError(f"tokens {tuple(tokens.shape)} and text {tuple(text.shape)}: expected (B, {self.seq_len}, C) and (B, Lt, C_text)")
+            raise ValueError(f"tokens {tuple(tokens.shape)} and text {tuple(text.shape)}: "
+                             f"expected (B, {self.seq_len}, C) and (B, Lt, C_text)")
         h = self.z_proj_ln(self.x_proj(tokens) + self.pos_embed_lv0)
         return self.run_trunk(h, self.context_embedder(text), None, self.pos_embed_lv0)
 

@@ -208,7 +208,10 @@ class ShortcutDraws(StepDraws):
 
     def to(self, device: torch.device) -> "ShortcutDraws":
         base = StepDraws.to(self, device)
-        move = (lambda x: None if x is None else x.to(device, non_blocking=True))
+
+        def move(x):
+            return None if x is None else x.to(device, non_blocking=True)
+
         return ShortcutDraws(**{f.name: getattr(base, f.name) for f in dataclasses.fields(StepDraws)},
                              uniforms=move(self.uniforms), global_uniforms=move(self.global_uniforms))
 

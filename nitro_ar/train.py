@@ -241,7 +241,7 @@ def _load_yaml(path: str) -> dict:
 def parse_config(argv: Optional[Sequence[str]] = None) -> TrainConfig:
     """TrainConfig from ``[CONFIG.yaml] [--field value ...]`` (flags override the file)."""
     fields = dataclasses.fields(TrainConfig)
-    parser = argparse.ArgumentParser(prog="nitro-ar train", description="Train Nitro-AR (masked AR pre-training or adversarial head fine-tuning).")
+    parser = argparse.ArgumentParser(prog="nitro-ar train", description="Train Nitro-AR or Nitro-E (see the modes).")
     parser.add_argument("config", nargs="?", help="YAML file of settings")
     for f in fields:
         parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=argparse.SUPPRESS,

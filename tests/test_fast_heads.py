@@ -9,10 +9,10 @@ import copy
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-from conftest import DEVICE, GPU_KERNELS, KERNEL_BACKEND
-from factories import TEXT_WIDTH, randomize_, tiny_ar
 
 import nitro_ar.fast as fast
+from conftest import DEVICE, GPU_KERNELS, KERNEL_BACKEND
+from factories import TEXT_WIDTH, randomize_, tiny_ar
 from nitro_ar.fast.heads import (
     FAST_HEAD_CLASSES,
     FastHeadAttention,

@@ -1,7 +1,6 @@
 """Crash-safe writes (nitro_ar.io / nitro_ar.kernels.atomic_files): umask modes, fsync of file
 and folder, temporaries removed on error and swept after a kill, folders swapped whole, and
 SIGKILL at every stage of a write leaving the old or the new content, never a mix."""
-import json
 import os
 import signal
 import subprocess

@@ -9,7 +9,6 @@ from nitro_ar.errors import InvalidArgumentError
 from nitro_ar.fast.graphs import GraphCache, HostSyncs, enable_graphs
 from nitro_ar.schedules import cfg_for_step, mar_mask_len, step_head_counts
 
-
 SMALL = dict(block_groups=(1, 1, 1), sample_size=8)  # 64 tokens: every code path, fast on CPU
 
 

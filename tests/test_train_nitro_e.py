@@ -456,8 +456,10 @@ def test_example_configs_are_the_official_stages():
     root = Path(__file__).resolve().parents[1] / "configs"
     one, two, distill = (parse_config([str(root / f"nitro_e_{name}.yaml")]) for name in ("stage1", "stage2", "distill"))
     # default_config.yaml + emmdit_512train_step1.yaml
-    assert (one.model, one.mode, one.repa_depth, one.projector_dim, one.z_dims, one.proj_coeff) == ("nitro_e", "pretrain", 8, 2048, [768], 0.5)
-    assert (one.learning_rate, one.grad_clip, one.ema, one.max_steps, one.batch_size, one.warmup_steps) == (3e-4, 0.5, False, 100000, 256, 500)
+    assert (one.model, one.mode, one.repa_depth, one.projector_dim, one.z_dims, one.proj_coeff) == (
+        "nitro_e", "pretrain", 8, 2048, [768], 0.5)
+    assert (one.learning_rate, one.grad_clip, one.ema, one.max_steps, one.batch_size, one.warmup_steps) == (
+        3e-4, 0.5, False, 100000, 256, 500)
     assert (one.weight_decay, one.adam_eps, one.text_dropout, one.text_length, one.mixed_precision) == (0.03, 1e-10, 0.1, 128, "bf16")
     assert (one.weighting_scheme, one.logit_mean, one.logit_std, one.mode_scale) == ("logit_normal", 0.0, 1.0, 1.29)
     # + emmdit_512train_step2.yaml

@@ -7,9 +7,9 @@ import warnings
 import pytest
 import torch
 
-from nitro_ar.kernels import tuning
 from nitro_ar.errors import TuningCacheError
-from nitro_ar.kernels.backend import HIP_ONLY_KEYS, HIP_MAX_WARPS, DeviceInfo, validate_config
+from nitro_ar.kernels import tuning
+from nitro_ar.kernels.backend import HIP_MAX_WARPS, HIP_ONLY_KEYS, DeviceInfo, validate_config
 
 OPS = tuning.registered_ops()
 FAKE_GPU = DeviceInfo("cuda", "Fake GPU 9000 80GB", "sm_90")

@@ -27,7 +27,8 @@ from ..nitro_e_model import NitroE
 from .backbone import FastJointAttention, FastJointTransformerBlock
 from .heads import FAST_HEAD_CLASSES
 
-__all__ = ["accelerate", "restore", "is_accelerated", "backend_of", "swap_classes", "FAST_CLASSES", "FastJointAttention", "FastJointTransformerBlock"]
+__all__ = ["accelerate", "restore", "is_accelerated", "backend_of", "swap_classes", "FAST_CLASSES",
+           "FastJointAttention", "FastJointTransformerBlock"]
 
 # reference class -> accelerated drop-in (a subclass with the same parameters)
 FAST_CLASSES: Dict[Type[nn.Module], Type[nn.Module]] = {
