@@ -8,6 +8,7 @@ with one warning per op and reason; bad input still raises ``ValueError``.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Tuple
 
@@ -41,6 +42,10 @@ def modulated_norm(
     its reference module. Returns ``out`` or ``(x_new, out)`` when ``residual`` is given.
     """
     kind, eps, weight, bias = norm_spec(norm)
+    if backend in KERNEL_BACKENDS:
+        # Mixed dtypes (bf16 autocast: an fp32 residual stream meets bf16 branch outputs and
+        # modulations): promote as eager PyTorch would, since the kernel takes one dtype.
+        x, shift, scale, residual, gate, adaln = _promoted(x, shift, scale, residual, gate, adaln)
     kwargs = dict(norm=kind, eps=eps, weight=weight, bias=bias, shift=shift, scale=scale, residual=residual,
                   gate=gate, adaln=adaln)
     if backend in KERNEL_BACKENDS:
@@ -53,6 +58,25 @@ def modulated_norm(
     from ..kernels.modulated_norm import modulated_norm as fused
 
     return fused(x, backend=backend, **kwargs)
+
+
+def _promoted(x, shift, scale, residual, gate, adaln):
+    """The activations of :func:`modulated_norm` cast to their promoted floating dtype (as
+    ``x + gate * residual`` would be in eager PyTorch); unchanged when they already agree."""
+    activations = [t for t in (x, shift, scale, residual, gate, None if adaln is None else adaln.temb) if t is not None]
+    dtype = x.dtype
+    for t in activations:
+        if t.is_floating_point():
+            dtype = torch.promote_types(dtype, t.dtype)
+    if all(t.dtype == dtype for t in activations):
+        return x, shift, scale, residual, gate, adaln
+
+    def cast(t):
+        return t if t is None or t.dtype == dtype or not t.is_floating_point() else t.to(dtype)
+
+    if adaln is not None:
+        adaln = dataclasses.replace(adaln, temb=cast(adaln.temb))
+    return cast(x), cast(shift), cast(scale), cast(residual), cast(gate), adaln
 
 
 def _head_dim_reason(head_dim: int):
