@@ -226,6 +226,10 @@ def load_model(cls, path: PathLike, config=None, *, dtype=None, device=None, var
         raise CheckpointError(f"variant {variant!r} requested but the config is for {config.variant!r}")
     with torch.device("meta"):
         model = cls(config)
+    if model_type == "nitro_ar":  # a refinement-window model takes official files: zero age embedding
+        from .tensorar import complete_age_embedding
+
+        state = complete_age_embedding(model, state)
     check_state_dict(model, state, source=str(file))
     if dtype is None:
         dtype = next(iter(state.values())).dtype
@@ -276,6 +280,10 @@ def save_model(model: nn.Module, directory: PathLike, *, official_file: Optional
     ``official_file``, as one official-layout safetensors file. Returns the path written."""
     state = model.state_dict()
     if official_file is not None:
+        if model.config.model_type == "nitro_ar":  # the official layout has no age embedding
+            from .tensorar import official_age_state
+
+            state = official_age_state(state)
         write_safetensors_atomic(state, official_file)
         return Path(official_file)
     directory = Path(directory)

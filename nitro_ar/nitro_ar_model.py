@@ -37,7 +37,7 @@ from .mmdit import EMMDiTTrunk, GELUTanh, compress_tokens, reconstruct_tokens, s
 from .schedules import FlowSchedule, cfg_for_step, mar_mask_len, step_head_counts
 from .utils import check_tensor
 
-__all__ = ["NitroAR", "SamplingPlan", "ARStepPlan", "EagerSession"]
+__all__ = ["NitroAR", "SamplingPlan", "ARStepPlan", "EagerSession", "masked_before_steps"]
 
 
 @dataclass(frozen=True)
@@ -158,6 +158,16 @@ def finite_number(name: str, value) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
         raise invalid(name, value, "a finite number")
     return float(value)
+
+
+def masked_before_steps(ar_steps: int, seq: int) -> Tuple[int, ...]:
+    """``(K + 1,)`` host ints: tokens still masked before AR step t = 0 .. K (``seq`` first,
+    0 last), so order positions ``bounds[t+1]:bounds[t]`` are the tokens step t generates."""
+    bounds, still_masked = [seq], seq
+    for index in range(ar_steps):
+        still_masked = 0 if index == ar_steps - 1 else mar_mask_len(index, ar_steps, seq, still_masked)
+        bounds.append(still_masked)
+    return tuple(bounds)
 
 
 CFG_SCHEDULES = ("constant", "linear")
@@ -352,12 +362,7 @@ class NitroAR(EMMDiTTrunk, PretrainedMixin):
             raise invalid("head_steps_schedule", head_steps_schedule, ", ".join(map(repr, HEAD_STEP_SCHEDULES)))
         counts = step_head_counts(ar_steps, head_steps, head_steps_schedule, head_steps_end)
         seq, joint = self.seq_len, self.is_joint
-        # bounds[t]: tokens still masked before step t (order positions bounds[t+1]:bounds[t] are
-        # step t's new tokens); 0 from the end of the AR loop on, seq before it.
-        bounds, still_masked = [seq], seq
-        for index in range(ar_steps):
-            still_masked = 0 if index == ar_steps - 1 else mar_mask_len(index, ar_steps, seq, still_masked)
-            bounds.append(still_masked)
+        bounds = masked_before_steps(ar_steps, seq)
 
         def bound(t: int) -> int:
             return bounds[min(max(t, 0), ar_steps)]
