@@ -37,6 +37,7 @@ What is this package's adaptation (guesses, not from the paper):
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
@@ -50,7 +51,7 @@ from .objectives import (MaskedARObjective, ObjectiveSettings, StepDraws, _flow_
                          mix_seed, patchify)
 
 __all__ = ["AGE_NOISE", "age_noise_level", "band_bounds", "band_ages", "RefineDraws", "draw_refine_step",
-           "RefineObjective", "complete_age_embedding", "official_age_state"]
+           "RefineObjective", "with_refine_window", "complete_age_embedding", "official_age_state"]
 
 AGE_NOISE = ("linear", "sine", "sqrt", "exponential")
 AGE_KEY = "age_embed.weight"
@@ -207,6 +208,20 @@ class RefineObjective(MaskedARObjective):
         per_token = torch.zeros(batch, seq, dtype=error.dtype, device=tokens.device).index_put((rows, cols), error)
         weight = torch.zeros_like(per_token).index_put((rows, cols), torch.ones_like(error))
         return per_token, weight
+
+
+def with_refine_window(model: NitroAR, window: int) -> NitroAR:
+    """``model`` with ``config.refine_window = window`` (itself when it already has it): the
+    same weights and a zero age embedding, so it computes what ``model`` computes. A model
+    whose age embedding has another size is refused (ConfigError)."""
+    if model.config.refine_window == window:
+        return model
+    if hasattr(model, "age_embed"):
+        raise ConfigError(f"this model was trained for refine_window={model.config.refine_window}, not {window}")
+    config = dataclasses.replace(model.config, refine_window=window)
+    widened = NitroAR(config).to(device=model.device, dtype=model.dtype)
+    widened.load_state_dict(complete_age_embedding(widened, model.state_dict()), strict=True)
+    return widened.train(model.training)
 
 
 # --------------------------------------------------------------------------------------------

@@ -37,6 +37,7 @@ from .config import NitroARConfig
 from .data import DatasetError, PairDataset
 from .errors import ConfigError
 from .nitro_ar_model import NitroAR
+from .tensorar import AGE_NOISE, RefineObjective, draw_refine_step, with_refine_window
 from .objectives import (
     HeadGenerator,
     MaskedARObjective,
@@ -54,7 +55,7 @@ logger = logging.getLogger("nitro_ar.train")
 
 __all__ = ["TrainConfig", "ConfigError", "Trainer", "parse_config", "main"]
 
-MODES = ("pretrain", "adversarial")
+MODES = ("pretrain", "adversarial", "refine")
 PRECISIONS = ("auto", "no", "bf16")
 LATEST = "latest"
 STATE_NAME = "state.json"
@@ -93,7 +94,8 @@ class TrainConfig:
 
     data_dir: str = _opt("", "dataset folder written by `nitro-ar precompute` (or make_synthetic_dataset)", str)
     output_dir: str = _opt("", "where checkpoints and the log go", str)
-    mode: str = _opt("pretrain", "pretrain (masked AR flow matching) or adversarial (head fine-tuning)", str)
+    mode: str = _opt("pretrain", "pretrain (masked AR flow matching), adversarial (head fine-tuning) or refine "
+                     "(TensorAR-style refinement window, nitro_ar.tensorar)", str)
     variant: Optional[str] = _opt(None, "gan or joint_gan for a new model (default gan; init_from fixes it otherwise)", str)
     model_config: Dict = _opt_factory(dict, "JSON object of NitroARConfig overrides for a new model", _parse_json_dict)
     init_from: Optional[str] = _opt(None, "checkpoint to start from (required for adversarial mode)", str)
@@ -124,6 +126,9 @@ class TrainConfig:
     adv_head_steps: Optional[int] = _opt(None, "adversarial: head Euler steps (default: the model's, 3 gan / 6 joint_gan)", int)
     disc_learning_rate: Optional[float] = _opt(None, "adversarial: discriminator learning rate (default: learning_rate)", float)
     disc_hidden: int = _opt(256, "adversarial: width of the discriminator MLP", int)
+    refine_window: int = _opt(4, "refine: window k (tokens of the last k - 1 AR steps are re-predicted)", int)
+    refine_noise: str = _opt("sine", "refine: input noise over age: linear, sine, sqrt or exponential", str)
+    refine_ar_steps: Optional[int] = _opt(None, "refine: AR steps K of the band schedule (default: the model's)", int)
     on_bad_shard: str = _opt("error", "error or skip: what to do with unreadable / inconsistent shards", str)
     num_workers: int = _opt(2, "DataLoader worker processes per training process", int)
     save_every: int = _opt(1000, "checkpoint every N optimizer steps (a final one is always written)", int)
@@ -151,6 +156,8 @@ class TrainConfig:
             need(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
         need(self.learning_rate > 0, f"learning_rate must be > 0, got {self.learning_rate}")
         need(0.0 <= self.ema_rate < 1.0, f"ema_rate must be in [0, 1), got {self.ema_rate}")
+        need(self.mode != "refine" or self.refine_window >= 2, f"refine_window must be >= 2, got {self.refine_window}")
+        need(self.refine_noise in AGE_NOISE, f"refine_noise must be one of {AGE_NOISE}, got {self.refine_noise!r}")
         need(not (self.init_from and self.model_config), "model_config applies to a new model; init_from fixes the architecture")
 
     def objective_settings(self, joint: bool) -> ObjectiveSettings:
@@ -362,6 +369,8 @@ class Trainer:
         self.dataset = PairDataset(cfg.data_dir, on_bad_shard=cfg.on_bad_shard)
         resume = self._find_resume()
         self.model = self._build_model(resume)
+        if cfg.mode == "refine":  # released or pre-trained weights + a zero age embedding
+            self.model = with_refine_window(self.model, cfg.refine_window)
         self._check_data_fits()
         self.adversarial = cfg.mode == "adversarial"
         settings = cfg.objective_settings(self.model.is_joint)
@@ -394,7 +403,9 @@ class Trainer:
                 generator, self.optimizer, self.discriminator, self.disc_optimizer
             )
         else:
-            self.train_module, self.optimizer = acc.prepare(MaskedARObjective(self.model, empty, settings), self.optimizer)
+            objective = (RefineObjective(self.model, empty, settings, noise=cfg.refine_noise, ar_steps=cfg.refine_ar_steps)
+                         if cfg.mode == "refine" else MaskedARObjective(self.model, empty, settings))
+            self.train_module, self.optimizer = acc.prepare(objective, self.optimizer)
         self.trainable = trainable
         self.settings = settings
         # After prepare: the shadow lives on the training device.
@@ -481,8 +492,8 @@ class Trainer:
     def _draws(self, micro: int):
         acc, cfg = self.accelerator, self.cfg
         base = micro * self.global_batch + acc.process_index * cfg.batch_size
-        draws = draw_step(self.model, self.settings, seed=cfg.seed, step=self.step,
-                          positions=range(base, base + cfg.batch_size))
+        draw = draw_refine_step if cfg.mode == "refine" else draw_step
+        draws = draw(self.model, self.settings, seed=cfg.seed, step=self.step, positions=range(base, base + cfg.batch_size))
         return draws.to(acc.device)
 
     def _micro_batches(self, module: nn.Module) -> Iterator[Tuple[Dict[str, torch.Tensor], object, contextlib.AbstractContextManager]]:
