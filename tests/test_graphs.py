@@ -80,14 +80,14 @@ def test_lru_eviction_by_count_and_bytes():
     for steps in (1, 2, 3):
         _generate(model, ar_steps=steps, head_steps=1)
     assert len(cache.entries) == 2 and cache.evictions == 1
-    assert [key[0][1].steps.__len__() for key in cache.entries] == [2, 3]
+    assert [len(key[0][1].steps) for key in cache.entries] == [2, 3]
     _generate(model, ar_steps=2, head_steps=1)  # a hit moves the entry to the end
     _generate(model, ar_steps=1, head_steps=1)
     assert [len(key[0][1].steps) for key in cache.entries] == [2, 1]
     one_entry = cache.nbytes // 2
     cache.max_bytes = one_entry + one_entry // 2
     _generate(model, ar_steps=3, head_steps=1)
-    assert len(cache.entries) == 1 and cache.evictions == 3
+    assert len(cache.entries) == 1 and cache.evictions == 4  # one by count, then one by bytes
 
 
 def test_new_parameter_storage_is_captured_anew():
@@ -96,7 +96,6 @@ def test_new_parameter_storage_is_captured_anew():
     _generate(model, ar_steps=2, head_steps=1)
     with torch.no_grad():
         model.x_proj.weight.data = model.x_proj.weight.data * 2  # new storage: old graphs would read the old one
-    eager_after = None
     out = _generate(model, ar_steps=2, head_steps=1)
     assert len(cache.entries) == 2
     disable_graphs(model)
@@ -117,8 +116,10 @@ def test_host_launches_per_image_with_graphs(variant, kwargs):
     plan = model.sampling_plan(1, **kwargs)
     draws = count_launches(lambda: model._draw(plan, torch.Generator().manual_seed(0), "cpu"), "cpu")
     host = total - draws + StandInGraph.replays
-    assert StandInGraph.replays == kwargs["ar_steps"] + 2
-    assert host <= kwargs["ar_steps"] + 8, host
+    assert StandInGraph.replays == kwargs["ar_steps"] + 2  # index tensors, starting tokens, each AR step
+    # The rest: [uncond; cond] text, the input copies (text, orders, noise, global noise) and
+    # the conversions of the drawn numbers, the output copy.
+    assert host - StandInGraph.replays <= 8, host
 
 
 def test_capture_failure_falls_back_to_eager():
