@@ -360,6 +360,10 @@ def load_model(
             match_config(model)
     # A shortcut model takes a flow-matching (official) checkpoint: zero step embeddings.
     state = complete_step_embeddings(model, state) if model_type == "nitro_ar" else state
+    if model_type == "nitro_ar":  # a refinement-window model takes official files: zero age embedding
+        from .tensorar import complete_age_embedding
+
+        state = complete_age_embedding(model, state)
     check_state_dict(model, state, source=str(file))
     if dtype is None:
         dtype = next(iter(state.values())).dtype
@@ -377,8 +381,10 @@ def save_model(model: nn.Module, directory: PathLike, *, official_file: Optional
     if official_file is not None:
         if model.config.model_type == "nitro_ar":
             from .shortcut import official_state_dict
+            from .tensorar import official_age_state
 
-            state = official_state_dict(model, state)  # refuses a trained step embedding
+            # Neither layer exists in the official layout: a trained one is refused.
+            state = official_age_state(official_state_dict(model, state))
         write_safetensors_atomic(state, official_file)
         return Path(official_file)
     directory = Path(directory)

@@ -196,10 +196,15 @@ class NitroARConfig(_BackboneConfig):
     head_steps: int = 3
     cfg: float = 4.0
     scaling_factor: float = 0.41407
+    # TensorAR-style refinement (nitro_ar.tensorar): window k; k > 1 adds the zero-initialised
+    # ``age_embed`` (k - 1 rows) to the backbone input and is generate's default window.
+    refine_window: int = 1
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
             raise invalid("variant", self.variant, f"one of {VARIANTS}", ConfigError)
+        if isinstance(self.refine_window, bool) or not isinstance(self.refine_window, int) or self.refine_window < 1:
+            raise invalid("refine_window", self.refine_window, "an integer >= 1", ConfigError)
         self._validate_backbone()
         if self.variant == "gan":
             self.global_head = False  # only the joint variant has a global-token path

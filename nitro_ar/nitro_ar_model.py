@@ -8,6 +8,10 @@ device (CPU generator: the same numbers on every device), in float32, then cast:
   image, then by position).
 - ``joint_gan``: ``randn(B, 1, C)`` for the global token; one ``randperm(L)`` per image; then,
   per AR step, ``randn(B, L, C)``.
+- With a refinement window k > 1 (``generate(window=k)``, :mod:`nitro_ar.tensorar`), a step's
+  rows are its new tokens and the re-predicted ones of the k - 1 steps before it, all drawn
+  fresh in the same row order; the flush passes after the last AR step draw theirs next, one
+  pass after the other. k = 1 draws exactly the numbers above.
 
 All of them are drawn before the first backbone call. The AR loop itself never reads a device
 value on the host: what depends only on the step (mask lengths, rows predicted per image, head
@@ -33,7 +37,7 @@ from .mmdit import EMMDiTTrunk, GELUTanh, compress_tokens, reconstruct_tokens, s
 from .schedules import FlowSchedule, cfg_for_step, mar_mask_len, step_head_counts
 from .utils import check_tensor
 
-__all__ = ["NitroAR", "SamplingPlan", "ARStepPlan", "EagerSession"]
+__all__ = ["NitroAR", "SamplingPlan", "ARStepPlan", "EagerSession", "masked_before_steps"]
 
 
 @dataclass(frozen=True)
@@ -54,6 +58,10 @@ class ARStepPlan:
     noise_offset: int
     noise_rows: int
     reset: bool = False  # joint_gan, first step: positions not predicted return to the mask token
+    # Refinement window: the step's new tokens are orders[b, new_lo:new_hi] (a sub-range of
+    # lo:hi); the rest of lo:hi is re-predicted. Flush passes have new_lo == new_hi.
+    new_lo: int = 0
+    new_hi: int = 0
 
     @property
     def rows(self) -> int:
@@ -78,6 +86,8 @@ class SamplingPlan:
     steps: Tuple[ARStepPlan, ...]
     global_head_steps: int = 0
     global_cfg: float = 1.0
+    window: int = 1  # refinement window k (1: plain masked AR)
+    age_rows: int = 0  # rows of the model's age embedding fed to the backbone (0: none)
 
     @property
     def noise_rows(self) -> int:
@@ -95,6 +105,24 @@ class SamplingPlan:
         orders: (B, L) generation orders. Built on orders' device; nothing is read on the host.
         """
         return tuple(orders[:, step.lo : step.hi].sort(dim=1).values for step in self.steps)
+
+    def generation_steps(self, orders: torch.Tensor) -> torch.Tensor:
+        """(B, L) int64: the AR step at which each position is first generated (device ops only)."""
+        made = torch.zeros_like(orders)
+        for step in self.steps:
+            if step.new_hi > step.new_lo:
+                made = made.scatter(1, orders[:, step.new_lo : step.new_hi], step.index)
+        return made
+
+    def age_indices(self, step: ARStepPlan, made: torch.Tensor) -> torch.Tensor:
+        """(B, L) int64 rows of the age embedding at ``step`` (``age_rows``: no embedding).
+
+        A visible token first generated at step g has age ``a = step - 1 - g``; it gets row a
+        when ``a <= min(window, age_rows + 1) - 2`` (it is re-predicted at this step).
+        """
+        age = step.index - 1 - made
+        limit = min(self.window, self.age_rows + 1) - 2
+        return torch.where((age >= 0) & (age <= limit), age, torch.full_like(age, self.age_rows))
 
 
 class EagerSession:
@@ -130,6 +158,16 @@ def finite_number(name: str, value) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
         raise invalid(name, value, "a finite number")
     return float(value)
+
+
+def masked_before_steps(ar_steps: int, seq: int) -> Tuple[int, ...]:
+    """``(K + 1,)`` host ints: tokens still masked before AR step t = 0 .. K (``seq`` first,
+    0 last), so order positions ``bounds[t+1]:bounds[t]`` are the tokens step t generates."""
+    bounds, still_masked = [seq], seq
+    for index in range(ar_steps):
+        still_masked = 0 if index == ar_steps - 1 else mar_mask_len(index, ar_steps, seq, still_masked)
+        bounds.append(still_masked)
+    return tuple(bounds)
 
 
 CFG_SCHEDULES = ("constant", "linear")
@@ -169,6 +207,9 @@ class NitroAR(EMMDiTTrunk, PretrainedMixin):
         self.upsamplers = nn.ModuleList([nn.ModuleList([_ShuffleBlock(dim, 2, False), _ShuffleBlock(dim, 4, False)])])
         self.mergers = nn.ModuleList([nn.Sequential(nn.Linear(3 * dim, dim), GELUTanh(), nn.Linear(dim, dim))])
         self.diffloss = FlowHead(self._make_head())
+        if config.refine_window > 1:  # TensorAR-style refinement: zero rows = the official model
+            self.age_embed = nn.Embedding(config.refine_window - 1, dim)
+            nn.init.zeros_(self.age_embed.weight)
         if joint:
             self.global_z_proj = nn.Sequential(nn.Linear(dim, dim), nn.SiLU(), nn.Linear(dim, dim))
             if config.global_head:
@@ -202,12 +243,15 @@ class NitroAR(EMMDiTTrunk, PretrainedMixin):
     def _check_text(self, text: torch.Tensor) -> None:
         check_tensor("text", text, 3, self.config.caption_channels)
 
-    def backbone(self, tokens: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    def backbone(self, tokens: torch.Tensor, text: torch.Tensor, ages: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Backbone conditions for every token.
 
         Args:
             tokens: (B, L, C) latent tokens (masked positions hold ``mask_token``), L = grid^2.
             text: (B, Lt, C_text) text-encoder hidden states.
+            ages: optional (B, L) int64 rows of ``age_embed`` added after ``x_proj`` (refinement
+                window, :mod:`nitro_ar.tensorar`); the value ``age_embed.num_embeddings`` adds
+                nothing. Ignored by a model without ``age_embed``.
         Returns:
             (B, L, D) hidden states (D = heads * head_dim) that condition the head.
         """
@@ -216,7 +260,11 @@ class NitroAR(EMMDiTTrunk, PretrainedMixin):
         if tokens.shape[1] != self.seq_len or tokens.shape[0] != text.shape[0]:
             raise ValueError(f"tokens {tuple(tokens.shape)} and text {tuple(text.shape)}: "
                              f"expected (B, {self.seq_len}, C) and (B, Lt, C_text)")
-        h = self.z_proj_ln(self.x_proj(tokens) + self.pos_embed_lv0)
+        h = self.x_proj(tokens)
+        if ages is not None and hasattr(self, "age_embed"):
+            table = nn.functional.pad(self.age_embed.weight, (0, 0, 0, 1))  # last row: no age
+            h = h + nn.functional.embedding(ages, table).to(h.dtype)
+        h = self.z_proj_ln(h + self.pos_embed_lv0)
         return self.run_trunk(h, self.context_embedder(text), None, self.pos_embed_lv0)
 
     def global_backbone(self, text: torch.Tensor) -> torch.Tensor:
@@ -294,11 +342,19 @@ class NitroAR(EMMDiTTrunk, PretrainedMixin):
         head_steps_end: Optional[int] = None,
         refine: bool = False,
         global_token_dependency: bool = False,
+        window: Optional[int] = None,
+        flush_window: bool = True,
     ) -> SamplingPlan:
         """The host-side plan of :meth:`generate` (arguments as there; validated, named errors)."""
         conf = self.config
         batch = integer_argument("batch", batch, 1)
         ar_steps = conf.ar_steps if ar_steps is None else integer_argument("ar_steps", ar_steps, 1)
+        window = conf.refine_window if window is None else integer_argument("window", window, 1)
+        if window > 1 and refine:
+            raise invalid("refine", refine, "False with window > 1 (refine re-predicts every token: window = all)")
+        if window > 1 and ar_steps < 2 and self.is_joint:
+            raise invalid("ar_steps", ar_steps, "at least 2 for joint_gan with window > 1 (one AR step has no earlier "
+                          "tokens to refine)")
         head_steps = conf.head_steps if head_steps is None else head_steps
         guidance = finite_number("cfg", conf.cfg if cfg is None else cfg)
         if cfg_schedule not in CFG_SCHEDULES:
@@ -307,20 +363,33 @@ class NitroAR(EMMDiTTrunk, PretrainedMixin):
             raise invalid("head_steps_schedule", head_steps_schedule, ", ".join(map(repr, HEAD_STEP_SCHEDULES)))
         counts = step_head_counts(ar_steps, head_steps, head_steps_schedule, head_steps_end)
         seq, joint = self.seq_len, self.is_joint
+        bounds = masked_before_steps(ar_steps, seq)
+
+        def bound(t: int) -> int:
+            return bounds[min(max(t, 0), ar_steps)]
+
+        passes = ar_steps + (window - 1 if flush_window else 0)
         steps, still_masked, offset = [], seq, 0
-        for index in range(ar_steps):
-            mask_len = mar_mask_len(index, ar_steps, seq, still_masked)
+        for index in range(passes):
+            real = index < ar_steps
+            mask_len = mar_mask_len(index, ar_steps, seq, still_masked) if real else 0
             last = index == ar_steps - 1
             if refine:  # every token not masked any more is (re-)predicted
                 lo, hi = (0, seq) if last else (mask_len, seq)
-            else:  # the tokens unmasked by this step
-                lo, hi = (0, still_masked) if last else (mask_len, still_masked)
+            else:  # the tokens unmasked by this step and those of the window - 1 steps before
+                lo, hi = bound(index + 1), bound(index - window + 1)
+            new_lo, new_hi = (lo, hi) if refine else (bound(index + 1), bound(index))
             noise_rows = batch * (seq if joint else hi - lo)
-            steps.append(ARStepPlan(index, mask_len, lo, hi, counts[index], cfg_for_step(guidance, cfg_schedule, seq, mask_len),
-                                    offset, noise_rows, reset=joint and index == 0 and not global_token_dependency))
+            source = min(index, ar_steps - 1)  # flush passes: the last AR step's head steps and guidance
+            weight = cfg_for_step(guidance, cfg_schedule, seq, mask_len if real else steps[source].mask_len)
+            steps.append(ARStepPlan(index, mask_len, lo, hi, counts[source], weight, offset, noise_rows,
+                                    reset=joint and index == 0 and not global_token_dependency,
+                                    new_lo=new_lo, new_hi=new_hi))
             still_masked, offset = mask_len, offset + noise_rows
+        age_rows = self.age_embed.num_embeddings if window > 1 and hasattr(self, "age_embed") else 0
         return SamplingPlan(batch, seq, self.config.in_channels, joint, guidance != 1.0, tuple(steps),
-                            global_head_steps=counts[0] if joint else 0, global_cfg=guidance)
+                            global_head_steps=counts[0] if joint else 0, global_cfg=guidance,
+                            window=window, age_rows=age_rows)
 
     def _draw(self, plan: SamplingPlan, generator, gen_device) -> Dict[str, torch.Tensor]:
         """Every random number of one generate call, in the documented order, on the model's device."""
@@ -357,7 +426,12 @@ class NitroAR(EMMDiTTrunk, PretrainedMixin):
 
         def run(b: Dict[str, torch.Tensor]) -> torch.Tensor:
             tokens = b[source]
-            z = self.backbone(torch.cat([tokens, tokens]) if plan.guided else tokens, b["text"])
+            ages = plan.age_indices(step, b["made"]) if plan.age_rows else None
+            if plan.guided:
+                tokens_in, ages = torch.cat([tokens, tokens]), None if ages is None else torch.cat([ages, ages])
+            else:
+                tokens_in = tokens
+            z = self.backbone(tokens_in, b["text"], ages)
             noise = b["noise"][step.noise_offset : step.noise_offset + step.noise_rows]
             positions = b[f"positions{step.index}"]
             schedule = FlowSchedule(b[f"timesteps{step.head_steps}"], b[f"sigmas{step.head_steps}"])
@@ -403,6 +477,8 @@ class NitroAR(EMMDiTTrunk, PretrainedMixin):
         head_steps_end: Optional[int] = None,
         refine: bool = False,
         global_token_dependency: bool = False,
+        window: Optional[int] = None,
+        flush_window: bool = True,
         generator: Optional[torch.Generator] = None,
         callback: Optional[Callable[[int, torch.Tensor], None]] = None,
     ) -> torch.Tensor:
@@ -421,8 +497,15 @@ class NitroAR(EMMDiTTrunk, PretrainedMixin):
             refine: re-predict every already generated token at each step (not only new ones).
             global_token_dependency: joint_gan: keep the global token in positions not predicted
                 at the first step (the official inference replaces them by the mask token).
+            window: refinement window k >= 1 (default: ``config.refine_window``, 1 for the
+                released models): a token generated at AR step s is re-predicted, from fresh
+                noise, at steps s+1 .. s+k-1 and final after that (:mod:`nitro_ar.tensorar`).
+                1 is plain masked AR, the same numbers. joint_gan needs ar_steps >= 2.
+            flush_window: with k > 1, after the last AR step run k - 1 passes that generate
+                nothing new and refine the window to final (TensorAR's Algorithm 1; they reuse
+                the last step's head steps and guidance); False: the last step's output is final.
             generator: source of all random numbers (see the module docstring for their order).
-            callback: called as ``callback(step, tokens)`` after each AR step.
+            callback: called as ``callback(step, tokens)`` after each AR step (and flush pass).
         Returns:
             (B, C, H, W) latents in the model's scaled latent space (divide by
             ``config.scaling_factor`` before the VAE decoder).
@@ -431,7 +514,7 @@ class NitroAR(EMMDiTTrunk, PretrainedMixin):
         plan = self.sampling_plan(
             text_emb.shape[0], ar_steps=ar_steps, head_steps=head_steps, cfg=cfg, cfg_schedule=cfg_schedule,
             head_steps_schedule=head_steps_schedule, head_steps_end=head_steps_end, refine=refine,
-            global_token_dependency=global_token_dependency,
+            global_token_dependency=global_token_dependency, window=window, flush_window=flush_window,
         )
         batch, device, dtype = plan.batch, self.device, self.dtype
         text_in = text_emb.to(device=device, dtype=dtype)
@@ -447,6 +530,8 @@ class NitroAR(EMMDiTTrunk, PretrainedMixin):
         session = self._session(plan, {"text": text_in, **self._draw(plan, generator, gen_device)})
         session.phase(lambda b: plan.positions(b["orders"]),
                       [f"positions{step.index}" for step in plan.steps])
+        if plan.age_rows:
+            session.phase(lambda b: plan.generation_steps(b["orders"]), "made")
         if plan.joint:
             tokens = session.phase(self._global_phase(plan), "tokens0")
         else:

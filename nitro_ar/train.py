@@ -65,13 +65,13 @@ from .objectives import (
     official_head_init,
 )
 from .shortcut import ShortcutObjective, ShortcutSettings, draw_shortcut_step, enable_shortcut, match_config
+from .tensorar import AGE_NOISE, RefineObjective, draw_refine_step, with_refine_window
 
 logger = logging.getLogger("nitro_ar.train")
 
 __all__ = ["TrainConfig", "ConfigError", "TrainingError", "Trainer", "parse_config", "main"]
 
 MODELS = ("nitro_ar", "nitro_e")
-MODES = ("pretrain", "adversarial", "shortcut", "distill")
 ADVERSARIAL_MODES = ("adversarial", "distill")
 PRECISIONS = ("auto", "no", "bf16")
 LATEST = "latest"
@@ -133,7 +133,8 @@ class TrainConfig:
     output_dir: str = _opt("", "where checkpoints and the log go", str)
     model: str = _opt("nitro_ar", "model family: nitro_ar or nitro_e", str)
     mode: str = _opt("pretrain", "pretrain; adversarial (nitro_ar head fine-tuning); shortcut (nitro_ar FAR shortcut heads: "
-                     "from scratch, or from a flow-matching model with init_from); distill (nitro_e few-step)", str)
+                     "from scratch, or from a flow-matching model with init_from); refine (nitro_ar TensorAR-style "
+                     "refinement window); distill (nitro_e few-step)", str)
     variant: Optional[str] = _opt(None, "gan or joint_gan for a new model (default gan; init_from fixes it otherwise)", str)
     model_config: Dict = _opt_factory(dict, "JSON object of NitroARConfig / NitroEConfig overrides for a new model", _parse_json_dict)
     init_from: Optional[str] = _opt(None, "checkpoint to start from (required for adversarial mode)", str)
@@ -175,6 +176,9 @@ class TrainConfig:
     student_steps: int = _opt(4, "nitro_e distill: sampler steps of the student", int)
     adv_weight: float = _opt(1.0, "nitro_e distill: weight of the adversarial generator loss", float)
     diffusion_weight: float = _opt(1.0, "nitro_e distill: weight of the rectified-flow loss", float)
+    refine_window: int = _opt(4, "refine: window k (tokens of the last k - 1 AR steps are re-predicted)", int)
+    refine_noise: str = _opt("sine", "refine: input noise over age: linear, sine, sqrt or exponential", str)
+    refine_ar_steps: Optional[int] = _opt(None, "refine: AR steps K of the band schedule (default: the model's)", int)
     num_workers: int = _opt(2, "DataLoader worker processes per training process", int)
     save_every: int = _opt(1000, "checkpoint every N optimizer steps (a final one is always written)", int)
     keep_checkpoints: int = _opt(3, "how many step checkpoints to keep (0: all)", int)
@@ -205,6 +209,8 @@ class TrainConfig:
             need(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
         need(self.learning_rate > 0, f"learning_rate must be > 0, got {self.learning_rate}")
         need(0.0 <= self.ema_rate < 1.0, f"ema_rate must be in [0, 1), got {self.ema_rate}")
+        need(self.mode != "refine" or self.refine_window >= 2, f"refine_window must be >= 2, got {self.refine_window}")
+        need(self.refine_noise in AGE_NOISE, f"refine_noise must be one of {AGE_NOISE}, got {self.refine_noise!r}")
         need(not (self.init_from and self.model_config), "model_config applies to a new model; init_from fixes the architecture")
         need(self.max_nonfinite_steps >= 0, f"max_nonfinite_steps must be >= 0, got {self.max_nonfinite_steps}")
         for f in dataclasses.fields(self):
@@ -479,7 +485,7 @@ class NitroARFamily(ModelFamily):
 
     name = "nitro_ar"
     model_class = NitroAR
-    modes = ("pretrain", "adversarial", "shortcut")
+    modes = ("pretrain", "adversarial", "shortcut", "refine")
 
     def __init__(self, cfg: TrainConfig):
         super().__init__(cfg)
@@ -500,8 +506,11 @@ class NitroARFamily(ModelFamily):
 
     def build_model(self, resume: Optional[Path]) -> NitroAR:
         model = super().build_model(resume)
-        # Shortcut mode: zero-initialised step embeddings (FMSC when init_from is a flow-matching model).
-        return enable_shortcut(model) if self.cfg.mode == "shortcut" else model
+        if self.cfg.mode == "shortcut":  # zero step embeddings (FMSC when init_from is a flow-matching model)
+            return enable_shortcut(model)
+        if self.cfg.mode == "refine":  # released or pre-trained weights + a zero age embedding
+            return with_refine_window(model, self.cfg.refine_window)
+        return model
 
     def check_model(self, model: NitroAR, source: Path) -> None:
         cfg = self.cfg
@@ -522,8 +531,11 @@ class NitroARFamily(ModelFamily):
         return freeze_all_but_head(model) if self.cfg.mode == "adversarial" else super().trainable(model)
 
     def objective(self, model: NitroAR, empty: torch.Tensor, resume: Optional[Path]) -> nn.Module:
-        if self.cfg.mode == "shortcut":
-            return ShortcutObjective(model, empty, self.settings, ShortcutSettings.from_dict(self.cfg.shortcut))
+        cfg = self.cfg
+        if cfg.mode == "shortcut":
+            return ShortcutObjective(model, empty, self.settings, ShortcutSettings.from_dict(cfg.shortcut))
+        if cfg.mode == "refine":
+            return RefineObjective(model, empty, self.settings, noise=cfg.refine_noise, ar_steps=cfg.refine_ar_steps)
         return MaskedARObjective(model, empty, self.settings)
 
     def adversarial_units(self, model: NitroAR, empty: torch.Tensor, resume: Optional[Path]):
@@ -533,7 +545,7 @@ class NitroARFamily(ModelFamily):
         return HeadGenerator(model, empty, self.settings, head_steps), discriminator
 
     def draws(self, model: NitroAR, step: int, positions: Sequence[int]):
-        draw = draw_shortcut_step if self.cfg.mode == "shortcut" else draw_step
+        draw = {"shortcut": draw_shortcut_step, "refine": draw_refine_step}.get(self.cfg.mode, draw_step)
         return draw(model, self.settings, seed=self.cfg.seed, step=step, positions=positions)
 
     def losses(self, objective, batch, draws):
