@@ -280,10 +280,11 @@ def euler_sample(net: nn.Module, z: torch.Tensor, noise: torch.Tensor, schedule:
     guided = cfg != 1.0
     x = noise.to(device=z.device, dtype=z.dtype)
     timesteps = schedule.timesteps.to(z.device)
+    step_size = getattr(schedule, "step_size", None)  # a shortcut schedule's d (the heads' step embedding)
     for i in range(len(schedule)):
         x_in = torch.cat([x, x]) if guided else x
         t = timesteps[i].expand(x_in.shape[0])
-        v = net(x_in, t, z)
+        v = net(x_in, t, z) if step_size is None else net(x_in, t, z, step_size)
         if guided:
             v_uncond, v_cond = v.chunk(2)
             v = v_uncond + cfg * (v_cond - v_uncond)

@@ -34,7 +34,7 @@ from .errors import invalid
 from .heads import FlowHead, MLPHead, TransformerHead, head_steps_schedule
 from .layers import RMSNorm
 from .mmdit import EMMDiTTrunk, GELUTanh, compress_tokens, reconstruct_tokens, shuffle_body
-from .schedules import FlowSchedule, cfg_for_step, mar_mask_len, step_head_counts
+from .schedules import FlowSchedule, ShortcutSchedule, cfg_for_step, mar_mask_len, shortcut_schedule, step_head_counts
 from .utils import check_tensor
 
 __all__ = ["NitroAR", "SamplingPlan", "ARStepPlan", "EagerSession", "masked_before_steps"]
@@ -88,6 +88,13 @@ class SamplingPlan:
     global_cfg: float = 1.0
     window: int = 1  # refinement window k (1: plain masked AR)
     age_rows: int = 0  # rows of the model's age embedding fed to the backbone (0: none)
+    head_sampler: str = "official"  # or "shortcut" (FAR: uniform steps, the heads' step embedding)
+
+    def schedule(self, buffers: Dict[str, torch.Tensor], count: int) -> FlowSchedule:
+        """The head schedule of ``count`` steps from the session's device buffers."""
+        if self.head_sampler == "shortcut":
+            return ShortcutSchedule(buffers[f"timesteps{count}"], buffers[f"sigmas{count}"], buffers[f"step_size{count}"])
+        return FlowSchedule(buffers[f"timesteps{count}"], buffers[f"sigmas{count}"])
 
     @property
     def noise_rows(self) -> int:
@@ -172,6 +179,7 @@ def masked_before_steps(ar_steps: int, seq: int) -> Tuple[int, ...]:
 
 CFG_SCHEDULES = ("constant", "linear")
 HEAD_STEP_SCHEDULES = ("constant", "linear", "cosine", "two-stage")
+HEAD_SAMPLERS = ("official", "shortcut")
 
 
 class _ShuffleBlock(nn.Module):
@@ -220,8 +228,9 @@ class NitroAR(EMMDiTTrunk, PretrainedMixin):
     def _make_head(self) -> nn.Module:
         cfg = self.config
         if cfg.variant == "gan":
-            return MLPHead(cfg.out_channels, cfg.diffloss_w, cfg.diffloss_d, cfg.inner_dim)
-        return TransformerHead(cfg.out_channels, cfg.diffloss_w, cfg.diffloss_d, cfg.inner_dim, grid=cfg.grid_size)
+            return MLPHead(cfg.out_channels, cfg.diffloss_w, cfg.diffloss_d, cfg.inner_dim, shortcut=cfg.shortcut)
+        return TransformerHead(cfg.out_channels, cfg.diffloss_w, cfg.diffloss_d, cfg.inner_dim, grid=cfg.grid_size,
+                               shortcut=cfg.shortcut)
 
     @property
     def seq_len(self) -> int:
@@ -304,8 +313,11 @@ class NitroAR(EMMDiTTrunk, PretrainedMixin):
         """joint_gan global-token head: x (B, 1, C), t (B,), c (B, 1, D) -> (B, 1, C)."""
         return self.global_net(x, t, c)
 
-    def head_schedule(self, num_steps: int):
-        """The official Euler schedule of this model's head for ``num_steps`` steps."""
+    def head_schedule(self, num_steps: int, sampler: str = "official"):
+        """The Euler schedule of this model's head for ``num_steps`` steps: the official one, or
+        (``sampler="shortcut"``) FAR's uniform steps with step size d = 1/N (:func:`shortcut_schedule`)."""
+        if sampler == "shortcut":
+            return shortcut_schedule(num_steps, num_train_timesteps=self.config.num_sampling_steps)
         return head_steps_schedule(num_steps, self.is_joint, self.config.num_sampling_steps, self.config.shift)
 
     def head_sample(self, z: torch.Tensor, *, num_steps: int, cfg: float = 1.0, noise: torch.Tensor) -> torch.Tensor:
@@ -344,6 +356,7 @@ class NitroAR(EMMDiTTrunk, PretrainedMixin):
         global_token_dependency: bool = False,
         window: Optional[int] = None,
         flush_window: bool = True,
+        head_sampler: str = "official",
     ) -> SamplingPlan:
         """The host-side plan of :meth:`generate` (arguments as there; validated, named errors)."""
         conf = self.config
@@ -361,6 +374,8 @@ class NitroAR(EMMDiTTrunk, PretrainedMixin):
             raise invalid("cfg_schedule", cfg_schedule, " or ".join(map(repr, CFG_SCHEDULES)))
         if head_steps_schedule not in HEAD_STEP_SCHEDULES:
             raise invalid("head_steps_schedule", head_steps_schedule, ", ".join(map(repr, HEAD_STEP_SCHEDULES)))
+        if head_sampler not in HEAD_SAMPLERS:
+            raise invalid("head_sampler", head_sampler, " or ".join(map(repr, HEAD_SAMPLERS)))
         counts = step_head_counts(ar_steps, head_steps, head_steps_schedule, head_steps_end)
         seq, joint = self.seq_len, self.is_joint
         bounds = masked_before_steps(ar_steps, seq)
@@ -389,7 +404,7 @@ class NitroAR(EMMDiTTrunk, PretrainedMixin):
         age_rows = self.age_embed.num_embeddings if window > 1 and hasattr(self, "age_embed") else 0
         return SamplingPlan(batch, seq, self.config.in_channels, joint, guidance != 1.0, tuple(steps),
                             global_head_steps=counts[0] if joint else 0, global_cfg=guidance,
-                            window=window, age_rows=age_rows)
+                            window=window, age_rows=age_rows, head_sampler=head_sampler)
 
     def _draw(self, plan: SamplingPlan, generator, gen_device) -> Dict[str, torch.Tensor]:
         """Every random number of one generate call, in the documented order, on the model's device."""
@@ -413,7 +428,7 @@ class NitroAR(EMMDiTTrunk, PretrainedMixin):
         """joint_gan: the global token's backbone pass and head loop -> (B, L, C) starting tokens."""
 
         def run(b: Dict[str, torch.Tensor]) -> torch.Tensor:
-            schedule = FlowSchedule(b[f"timesteps{plan.global_head_steps}"], b[f"sigmas{plan.global_head_steps}"])
+            schedule = plan.schedule(b, plan.global_head_steps)
             token = self.global_net.sample(self.global_backbone(b["text"]), b["global_noise"], schedule, plan.global_cfg)
             return token.expand(plan.batch, plan.seq, plan.chans)
 
@@ -434,7 +449,7 @@ class NitroAR(EMMDiTTrunk, PretrainedMixin):
             z = self.backbone(tokens_in, b["text"], ages)
             noise = b["noise"][step.noise_offset : step.noise_offset + step.noise_rows]
             positions = b[f"positions{step.index}"]
-            schedule = FlowSchedule(b[f"timesteps{step.head_steps}"], b[f"sigmas{step.head_steps}"])
+            schedule = plan.schedule(b, step.head_steps)
             index = positions.unsqueeze(-1).expand(-1, -1, chans)
             if plan.joint:
                 sampled = self.diffloss.net.sample(z, noise.view(batch, seq, chans), schedule, step.cfg)
@@ -454,9 +469,11 @@ class NitroAR(EMMDiTTrunk, PretrainedMixin):
         def constants() -> Dict[str, torch.Tensor]:
             made = {}
             for count in plan.head_counts:
-                schedule = self.head_schedule(count)
+                schedule = self.head_schedule(count, plan.head_sampler)
                 made[f"timesteps{count}"] = schedule.timesteps.to(self.device, copy=True)  # owned, never the cached table
                 made[f"sigmas{count}"] = schedule.sigmas.to(self.device, copy=True)
+                if plan.head_sampler == "shortcut":
+                    made[f"step_size{count}"] = schedule.step_size.to(self.device, copy=True)
             return made
 
         if self.sampling_runner is None:
@@ -479,6 +496,7 @@ class NitroAR(EMMDiTTrunk, PretrainedMixin):
         global_token_dependency: bool = False,
         window: Optional[int] = None,
         flush_window: bool = True,
+        head_sampler: str = "official",
         generator: Optional[torch.Generator] = None,
         callback: Optional[Callable[[int, torch.Tensor], None]] = None,
     ) -> torch.Tensor:
@@ -504,6 +522,9 @@ class NitroAR(EMMDiTTrunk, PretrainedMixin):
             flush_window: with k > 1, after the last AR step run k - 1 passes that generate
                 nothing new and refine the window to final (TensorAR's Algorithm 1; they reuse
                 the last step's head steps and guidance); False: the last step's output is final.
+            head_sampler: "official" (the released heads' Euler schedule) or "shortcut" (FAR:
+                ``head_steps`` uniform steps of size d = 1/N, d = 0 above 16 steps, given to a
+                shortcut head's step embedding; composes with DiSA per-step counts).
             generator: source of all random numbers (see the module docstring for their order).
             callback: called as ``callback(step, tokens)`` after each AR step (and flush pass).
         Returns:
@@ -515,6 +536,7 @@ class NitroAR(EMMDiTTrunk, PretrainedMixin):
             text_emb.shape[0], ar_steps=ar_steps, head_steps=head_steps, cfg=cfg, cfg_schedule=cfg_schedule,
             head_steps_schedule=head_steps_schedule, head_steps_end=head_steps_end, refine=refine,
             global_token_dependency=global_token_dependency, window=window, flush_window=flush_window,
+            head_sampler=head_sampler,
         )
         batch, device, dtype = plan.batch, self.device, self.dtype
         text_in = text_emb.to(device=device, dtype=dtype)

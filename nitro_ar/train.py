@@ -741,9 +741,6 @@ class Trainer:
         # On the training device first: the fast path picks its backend from the weights' device.
         self.model.to(acc.device)
         fast = cfg.fast if cfg.fast is not None else torch.cuda.is_available()
-        if fast and self.shortcut:  # nitro_ar.fast's heads take no step size yet
-            logger.warning("shortcut mode trains on the eager reference: the nitro_ar.fast heads take no step size")
-            fast = False
         self.model, self.fast_active = _apply_fast(self.model, fast)
         trainable = family.trainable(self.model)
         ids = {id(p) for p in trainable}

@@ -16,7 +16,7 @@ from nitro_ar.checkpoint import infer_config, read_state_dict
 from nitro_ar.errors import CheckpointError, ConfigError
 from nitro_ar.heads import MLPHead, TransformerHead, euler_sample
 from nitro_ar.objectives import ObjectiveSettings
-from nitro_ar.schedules import shortcut_schedule, step_head_counts
+from nitro_ar.schedules import FlowSchedule, shortcut_schedule, step_head_counts
 from nitro_ar.shortcut import (
     ShortcutObjective,
     ShortcutSettings,
@@ -262,11 +262,7 @@ def test_shortcut_sampling_takes_uniform_steps_of_the_embedded_size(kind):
     z = torch.cat([torch.zeros_like(c), c])  # [uncond; cond]
     for n in step_head_counts(4, 4, "linear", 1):  # DiSA: a schedule per AR step, [4, 3, 2, 1]
         schedule = shortcut_schedule(n)
-
-        def net(x_in, t, cond):
-            return head(x_in, t, cond, schedule.step_size)
-
-        sampled = euler_sample(net, z, x, schedule, cfg=2.0)
+        sampled = euler_sample(head, z, x, schedule, cfg=2.0)  # the step size comes with the schedule
         expected = x.clone()
         for i in range(n):
             v = head(torch.cat([expected, expected]), torch.full((2 * x.shape[0],), 1000 * (1 - i / n)), z,
@@ -274,7 +270,30 @@ def test_shortcut_sampling_takes_uniform_steps_of_the_embedded_size(kind):
             v_u, v_c = v.chunk(2)
             expected = expected - (v_u + 2.0 * (v_c - v_u)) / n
         torch.testing.assert_close(sampled, expected, rtol=1e-5, atol=1e-5)
-        assert not torch.allclose(sampled, euler_sample(head, z, x, schedule, cfg=2.0))  # d matters
+        without_d = FlowSchedule(schedule.timesteps, schedule.sigmas)  # the same steps, d = 0
+        assert not torch.allclose(sampled, euler_sample(head, z, x, without_d, cfg=2.0))  # d matters
+
+
+@pytest.mark.parametrize("variant", ["gan", "joint_gan"])
+def test_generate_with_the_shortcut_sampler_fast_and_reference_agree(variant):
+    import nitro_ar.fast
+
+    model = randomize_(NitroAR(dataclasses.replace(tiny_ar(variant).config, shortcut=True)), seed=4, scale=0.1).eval()
+    g = torch.Generator().manual_seed(0)
+    text, empty = torch.randn(2, 5, TEXT_WIDTH, generator=g), torch.randn(1, 5, TEXT_WIDTH, generator=g)
+    options = dict(ar_steps=3 if variant == "gan" else 2, head_steps=4, head_steps_schedule="linear", head_steps_end=2,
+                   cfg=3.0, head_sampler="shortcut")
+    reference = model.generate(text, empty, generator=torch.Generator().manual_seed(1), **options)
+    official = model.generate(text, empty, generator=torch.Generator().manual_seed(1), **{**options, "head_sampler": "official"})
+    assert not torch.allclose(reference, official)
+    nitro_ar.fast.accelerate(model, backend="torch")
+    try:
+        fast = model.generate(text, empty, generator=torch.Generator().manual_seed(1), **options)
+    finally:
+        nitro_ar.fast.restore(model)
+    torch.testing.assert_close(fast, reference, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="head_sampler"):
+        model.generate(text, empty, head_sampler="ddim")
 
 
 # --------------------------------------------------------------------------------------------

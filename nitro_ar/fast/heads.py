@@ -45,14 +45,14 @@ so adversarial fine-tuning can back-propagate through ``sample``.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Tuple, Type
+from typing import Callable, Dict, List, Optional, Tuple, Type
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
-from ..heads import HeadAttention, MLPHead, TransformerHead, TransformerHeadBlock, check_head_inputs
+from ..heads import HeadAttention, MLPHead, TransformerHead, TransformerHeadBlock, check_head_inputs, embed_step_size
 from ..kernels import reference
 from ..kernels.backend import interpreter_requested, triton_available
 from ..schedules import FlowSchedule
@@ -133,7 +133,7 @@ class _FastFlowHead:
         x = noise.to(device=z.device, dtype=z.dtype)
         # (S, G, R, W): SiLU of the condition of every step, for every row.
         conditions = self._step_conditions(z.unflatten(0, (groups, z.shape[0] // groups)),
-                                           schedule.timesteps.to(z.device))
+                                           schedule.timesteps.to(z.device), getattr(schedule, "step_size", None))
         per_step = conditions[0].numel() // conditions.shape[-1] * self.modulation.weight.shape[0]
         steps_per_gemm = max(1, MODULATION_BUDGET // max(per_step, 1))
         tokens = noise.shape[1] if noise.dim() == 3 else 1
@@ -147,6 +147,12 @@ class _FastFlowHead:
 
     def _modulated_norm(self, x, norm, **kwargs):
         return ops.modulated_norm(x, norm, backend=self.backend, **kwargs)
+
+
+def _with_step_size(head: nn.Module, c_emb: torch.Tensor, dt: Optional[torch.Tensor]) -> torch.Tensor:
+    """``c_emb`` plus a shortcut head's step-size embedding (step-invariant: once per call)."""
+    step = embed_step_size(getattr(head, "step_embed", None), dt, c_emb)
+    return c_emb if step is None else c_emb + step
 
 
 # --------------------------------------------------------------------------------------------
@@ -164,9 +170,10 @@ class FastMLPHead(_FastFlowHead, MLPHead):
         """(N, C) -> (1, N, W)."""
         return self.input_proj(x).unsqueeze(0)
 
-    def _step_conditions(self, z: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        """z (G, N, Dz), timesteps (S,) -> SiLU(time_embed(t) + cond_embed(z)): (S, G, N, W)."""
-        c_emb = self.cond_embed(z)
+    def _step_conditions(self, z: torch.Tensor, timesteps: torch.Tensor, dt: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """z (G, N, Dz), timesteps (S,), a shortcut head's step size ``dt`` (0-dim, or None: d = 0)
+        -> SiLU(time_embed(t) + (cond_embed(z) [+ step_embed(dt)])): (S, G, N, W)."""
+        c_emb = _with_step_size(self, self.cond_embed(z), dt)
         t_emb = self.time_embed(timesteps, dtype=c_emb.dtype)
         return F.silu(t_emb[:, None, None, :] + c_emb)
 
@@ -186,10 +193,10 @@ class FastMLPHead(_FastFlowHead, MLPHead):
                                              shift=shifts[index + 1], scale=scales[index + 1])
         return self.final_layer.linear(normed)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, c: torch.Tensor, dt: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x (N, C), t (N,), c (N, Dz) -> v (N, C), as :meth:`MLPHead.forward`."""
         h = self.input_proj(x)
-        modulation = self.modulation(F.silu(self.condition(t, c, h.dtype)))
+        modulation = self.modulation(F.silu(self.condition(t, c, h.dtype, dt)))
         return self._velocity(h.unsqueeze(0), modulation.unsqueeze(0), 1).squeeze(0)
 
 
@@ -277,10 +284,10 @@ class FastTransformerHead(_FastFlowHead, TransformerHead):
             h = h + self.pos_embed_lv0
         return h.reshape(1, -1, h.shape[-1])
 
-    def _step_conditions(self, z: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        """z (G, B, L, Dz), timesteps (S,) -> SiLU(t_norm(t_emb) + c_norm(cond_embed(z))):
-        (S, G, B * L, W)."""
-        c_emb = self.c_norm(self.cond_embed(z)).flatten(1, 2)
+    def _step_conditions(self, z: torch.Tensor, timesteps: torch.Tensor, dt: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """z (G, B, L, Dz), timesteps (S,), step size ``dt`` as for the MLP head -> SiLU(t_norm(t_emb)
+        + (c_norm(cond_embed(z)) [+ step_embed(dt)])): (S, G, B * L, W)."""
+        c_emb = _with_step_size(self, self.c_norm(self.cond_embed(z)).flatten(1, 2), dt)
         t_emb = self.t_norm(self.time_embed(timesteps, c_emb.dtype))
         return F.silu(t_emb[:, None, None, :] + c_emb)
 
@@ -302,10 +309,10 @@ class FastTransformerHead(_FastFlowHead, TransformerHead):
                                              shift=shifts[index + 1], scale=scales[index + 1])
         return self.final_layer.linear(normed)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, c: torch.Tensor, dt: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x (B, L, C), t (B,), c (B, L, Dz) -> v (B, L, C), as :meth:`TransformerHead.forward`."""
         h = self._embed_input(x)
-        modulation = self.modulation(F.silu(self.condition(t, c, h.dtype))).flatten(0, 1)
+        modulation = self.modulation(F.silu(self.condition(t, c, h.dtype, dt))).flatten(0, 1)
         return self._velocity(h, modulation.unsqueeze(0), x.shape[1]).view(x.shape)
 
 
