@@ -20,10 +20,13 @@ install:
 	@$(PYTHON) -c "import torch" 2>/dev/null || \
 		$(PIP) install -q "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX),)
 	@# Triton only when no Triton is importable: ROCm torch brings pytorch-triton-rocm, which a
-	@# plain `triton` requirement would overwrite with a CUDA build.
+	@# plain `triton` requirement would overwrite with a CUDA build. The extras install under a
+	@# constraint pinning the torch already there: a dependency (e.g. torchvision, pulled in by
+	@# mosaicml-streaming) must never replace it with another build.
 	@$(PYTHON) -c "import triton" 2>/dev/null && extras="dev,pipeline,train" || extras="triton,dev,pipeline,train"; \
 		$(PYTHON) -c "import nitro_ar.kernels, pytest, hypothesis, pytest_benchmark, diffusers, accelerate, yaml, streaming, huggingface_hub, ruff" 2>/dev/null || \
-		$(PIP) install -q -e ".[$$extras]"
+		{ $(PYTHON) -c "from importlib.metadata import version; print('torch==' + version('torch'))" > .torch-pin.txt && \
+		  $(PIP) install -q -c .torch-pin.txt -e ".[$$extras]"; status=$$?; rm -f .torch-pin.txt; exit $$status; }
 
 lint: install
 	$(PYTHON) -m ruff check .
