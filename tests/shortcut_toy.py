@@ -9,6 +9,7 @@ steps and batch: the flow-matching head with ``fraction = 0`` (every row at d = 
 shortcut head with the given fraction. Both sample with the same uniform Euler steps
 (:func:`nitro_ar.schedules.shortcut_schedule`), the flow-matching head at d = 0.
 """
+import dataclasses
 from dataclasses import dataclass
 from typing import Dict, Optional, Sequence
 
@@ -92,14 +93,11 @@ def sample(head: MLPHead, toy: Toy, labels: torch.Tensor, steps: int, shortcut: 
     """Euler samples in ``steps`` uniform steps; the step embedding gets 1000 / steps (shortcut)
     or 0 (flow matching)."""
     _, conds = toy.tables()
-    schedule = shortcut_schedule(steps)
-    step_size = schedule.step_size if shortcut else torch.zeros(())
+    schedule = shortcut_schedule(steps)  # carries the step size to the head's embedding
+    if not shortcut:
+        schedule = dataclasses.replace(schedule, step_size=torch.zeros(()))
     noise = torch.randn(labels.shape[0], toy.channels, generator=torch.Generator().manual_seed(seed))
-
-    def net(x, t, c):
-        return head(x, t, c, step_size)
-
-    return euler_sample(net, conds[labels], noise, schedule)
+    return euler_sample(head, conds[labels], noise, schedule)
 
 
 def compare(toy: Toy, *, steps: int, fraction: float, step_counts: Sequence[int] = (1, 2, 4, 8), samples: int = 512,

@@ -220,7 +220,7 @@ def data_dir(tmp_path_factory):
 
 
 def run(data, out, **settings):
-    flags = {"data_dir": data, "output_dir": out, "mode": "shortcut", "batch_size": 2, "max_steps": 2,
+    flags = {"data_dir": data, "output_dir": out, "mode": "shortcut", "batch_size": 2, "max_steps": 2, "text_length": 16,
              "learning_rate": 1e-3, "warmup_steps": 0, "num_workers": 0, "progress": "false",
              "shortcut": json.dumps({"fraction": 0.5}), **settings}
     return main([a for k, v in flags.items() for a in ("--" + k.replace("_", "-"), str(v))])
