@@ -145,3 +145,21 @@ def test_works_without_triton_installed():
     result = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent, capture_output=True, text=True,
                             env={**__import__("os").environ, "TRITON_INTERPRET": "0"})
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
+
+
+def test_fused_norm_promotes_mixed_dtypes_as_eager_pytorch():
+    """bf16 autocast: an fp32 residual stream meets bf16 branch outputs and modulations. The
+    fused norm promotes like eager PyTorch (fp32 here) instead of refusing the mix."""
+    from nitro_ar.fast import ops
+    from nitro_ar.kernels import reference
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, 48, generator=g)
+    residual, gate, shift, scale = (torch.randn(2, 5, 48, generator=g).bfloat16() for _ in range(4))
+    norm = torch.nn.LayerNorm(48, eps=1e-6)
+    x_new, out = ops.modulated_norm(x, norm, backend="interpret", residual=residual, gate=gate, shift=shift, scale=scale)
+    want_x, want = reference.modulated_norm(x, norm="layer", eps=1e-6, weight=norm.weight, bias=norm.bias, shift=shift,
+                                            scale=scale, residual=residual, gate=gate)
+    assert x_new.dtype == out.dtype == want.dtype == torch.float32
+    torch.testing.assert_close(x_new, want_x, rtol=1e-2, atol=1e-2)  # eager rounds gate * residual to bf16 first
+    torch.testing.assert_close(out, want, rtol=1e-2, atol=2e-2)

@@ -64,12 +64,13 @@ def _promoted(x, shift, scale, residual, gate, adaln):
     """The activations of :func:`modulated_norm` cast to their promoted floating dtype (as
     ``x + gate * residual`` would be in eager PyTorch); unchanged when they already agree."""
     activations = [t for t in (x, shift, scale, residual, gate, None if adaln is None else adaln.temb) if t is not None]
-    dtype = x.dtype
-    for t in activations:
-        if t.is_floating_point():
-            dtype = torch.promote_types(dtype, t.dtype)
-    if all(t.dtype == dtype for t in activations):
+    dtypes = {t.dtype for t in activations if t.is_floating_point()}
+    if len(dtypes) <= 1:
         return x, shift, scale, residual, gate, adaln
+    # torch.promote_types would be a dispatched op per call; for floating dtypes: the widest, and
+    # float32 for float16 with bfloat16.
+    dtype = max(dtypes, key=lambda d: torch.finfo(d).bits)
+    dtype = torch.float32 if torch.finfo(dtype).bits == 16 else dtype
 
     def cast(t):
         return t if t is None or t.dtype == dtype or not t.is_floating_point() else t.to(dtype)
