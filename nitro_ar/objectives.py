@@ -318,9 +318,9 @@ class MaskedARObjective(nn.Module):
         v = self.model.head(x_t, self.train_timesteps[index], cond)
         return (v.float() - target.float()).square().mean()
 
-    def _joint_image_loss(self, tokens: torch.Tensor, z: torch.Tensor, mask: torch.Tensor, draws: StepDraws) -> torch.Tensor:
-        """Transformer head: one timestep per image; per-image mean over masked tokens, then
-        the batch mean."""
+    def _joint_head_errors(self, tokens: torch.Tensor, z: torch.Tensor, draws: StepDraws) -> torch.Tensor:
+        """Transformer head, one timestep per image and head pass: (B * R, L) float32 squared
+        error per token (mean over channels), R = head passes per image."""
         batch, seq, chans = tokens.shape
         repeats = draws.noise.shape[1]
         flat = batch * repeats
@@ -329,8 +329,14 @@ class MaskedARObjective(nn.Module):
         index = draws.t_index.reshape(flat)
         x_t, target = _flow_pair(x0, draws.noise.reshape(flat, seq, chans), self.train_sigmas[index][:, None, None])
         v = self.model.head(x_t, self.train_timesteps[index], cond)
-        per_token = (v.float() - target.float()).square().mean(-1)
-        weight = mask[:, None].expand(batch, repeats, seq).reshape(flat, seq).float()
+        return (v.float() - target.float()).square().mean(-1)
+
+    def _joint_image_loss(self, tokens: torch.Tensor, z: torch.Tensor, mask: torch.Tensor, draws: StepDraws) -> torch.Tensor:
+        """Transformer head: one timestep per image; per-image mean over masked tokens, then
+        the batch mean."""
+        batch, seq, _ = tokens.shape
+        per_token = self._joint_head_errors(tokens, z, draws)
+        weight = mask[:, None].expand(batch, draws.noise.shape[1], seq).reshape(per_token.shape).float()
         return ((per_token * weight).sum(1) / weight.sum(1)).mean()
 
     def _global_loss(self, text: torch.Tensor, thumbnails: Optional[torch.Tensor], draws: StepDraws) -> torch.Tensor:

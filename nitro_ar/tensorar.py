@@ -186,13 +186,7 @@ class RefineObjective(MaskedARObjective):
         batch, seq, chans = tokens.shape
         repeats = draws.noise.shape[1]
         if self.model.is_joint:
-            flat = batch * repeats
-            x0 = tokens[:, None].expand(batch, repeats, seq, chans).reshape(flat, seq, chans)
-            cond = z[:, None].expand(batch, repeats, *z.shape[1:]).reshape(flat, seq, -1)
-            index = draws.t_index.reshape(flat)
-            x_t, target = _flow_pair(x0, draws.noise.reshape(flat, seq, chans), self.train_sigmas[index][:, None, None])
-            v = self.model.head(x_t, self.train_timesteps[index], cond)
-            error = (v.float() - target.float()).square().mean(-1).view(batch, repeats, seq).mean(1)
+            error = self._joint_head_errors(tokens, z, draws).view(batch, repeats, seq).mean(1)
             # every image covers the same number of tokens: the global mean is the mean of per-image means
             return error, torch.zeros_like(error).scatter(1, draws.orders[:, :covered], 1.0)
         rows = torch.arange(batch, device=tokens.device).repeat_interleave(covered)
