@@ -40,10 +40,12 @@ def _impl_and_case(bench) -> tuple:
 
 
 def speedups(records: list) -> dict:
-    """{case: {impl: eager_mean / impl_mean}} for every case that has an eager run."""
+    """{case: {impl: eager_mean / impl_mean}} for every timed case that has an eager run (records
+    with ``extra_info["timed"] = False``, counts such as kernels per image, have no speed-up)."""
     by_case = {}
     for rec in records:
-        by_case.setdefault(rec["case"], {})[rec["impl"]] = rec["mean_s"]
+        if rec.get("extra_info", {}).get("timed", True):
+            by_case.setdefault(rec["case"], {})[rec["impl"]] = rec["mean_s"]
     out = {}
     for case, impls in by_case.items():
         base = impls.get("eager")

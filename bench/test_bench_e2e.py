@@ -2,26 +2,30 @@
 
 Columns (``impl``): "eager" (the reference), "compile" (torch.compile of the reference networks,
 GPU only: on CPU the inductor build alone takes minutes), "fast" (``nitro_ar.fast.accelerate``
-without graphs) and "fast+graphs" (GPU only). Released full-size configs at batch 1 (latency)
+without graphs), "fast+graphs" and "fast-library+graphs" (library GEMMs,
+``NITRO_AR_GEMM=library``; GPU only). Released full-size configs at batch 1 (latency)
 and 32 (throughput) on a GPU, with time per image and images/s; reduced configs at batch 1 on
 CPU, said in ``extra_info``.
 
 ``test_work_per_image`` records, everywhere and without timing, what one image costs at full
-size with the released sampling settings: kernels (aten ops that compute + Triton launches)
-and host synchronisations, for eager and fast (the Triton kernel path). The model runs on the
-meta device, so nothing computes and a full-size count takes seconds on CPU.
+size with the released sampling settings at batch 1 and 32: kernels (aten ops that compute +
+Triton launches) and host synchronisations, for eager, fast with library GEMMs and fast with
+fused GEMMs (:func:`nitro_ar.fast.counting.work_per_image`). The model runs on the meta device,
+so nothing computes and a full-size count takes seconds on CPU.
 """
 import pytest
 import torch
 
 import nitro_ar.fast
-from benchutil import ON_GPU, count_flops, count_work, mean_seconds, record_rate, synchronized
+from benchutil import ON_GPU, count_flops, mean_seconds, record_rate, synchronized
 from nitro_ar import NitroAR, NitroARConfig, NitroE, NitroEConfig
+from nitro_ar.fast.counting import IMPLEMENTATIONS, work_per_image
+from nitro_ar.kernels.backend import ENV_GEMM
 
 REDUCED = dict(num_attention_heads=2, attention_head_dim=32, caption_projection_dim=64, caption_channels=48)
 FAMILIES = ["gan", "joint_gan", "nitro_e"]
 BATCHES = [1, 32] if ON_GPU else [1]
-IMPLS = ["eager", "fast"] + (["compile", "fast+graphs"] if ON_GPU else [])
+IMPLS = ["eager", "fast"] + (["compile", "fast+graphs", "fast-library+graphs"] if ON_GPU else [])
 
 
 def build(family: str, device: torch.device):
@@ -39,8 +43,8 @@ def build(family: str, device: torch.device):
 
 
 def prepare(model, impl: str):
-    if impl in ("fast", "fast+graphs"):
-        nitro_ar.fast.accelerate(model, graphs=impl == "fast+graphs")
+    if impl.startswith("fast"):
+        nitro_ar.fast.accelerate(model, graphs=impl.endswith("+graphs"))
     elif impl == "compile":
         mode = "max-autotune-no-cudagraphs"
         if isinstance(model, NitroAR):
@@ -55,7 +59,7 @@ def prepare(model, impl: str):
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("batch", BATCHES)
 @pytest.mark.parametrize("family", FAMILIES)
-def test_generate(benchmark, device, family, batch, impl):
+def test_generate(benchmark, device, family, batch, impl, monkeypatch):
     model, width, kwargs = build(family, device)
     text = torch.randn(batch, 128 if ON_GPU else 16, width, device=device, dtype=model.dtype)
     uncond = torch.randn(1, text.shape[1], width, device=device, dtype=model.dtype)
@@ -65,6 +69,8 @@ def test_generate(benchmark, device, family, batch, impl):
 
     flops = count_flops(run)  # of the reference, before any swap
     reference = run()
+    if "library" in impl:
+        monkeypatch.setenv(ENV_GEMM, "library")
     prepare(model, impl)
     benchmark.group = f"e2e {family} batch {batch}"
     out = benchmark.pedantic(synchronized(run, device), rounds=5, iterations=1, warmup_rounds=1)
@@ -80,27 +86,14 @@ def test_generate(benchmark, device, family, batch, impl):
     assert error < (5e-2 if ON_GPU else 1e-4), f"{impl} differs from the reference by {error:.2e}"
 
 
-@pytest.mark.parametrize("impl", ["eager", "fast"])
-@pytest.mark.parametrize("family", ["gan", "joint_gan"])
-def test_work_per_image(benchmark, family, impl):
-    """Kernels and host syncs per image: full size, released sampling settings, batch 1, meta device."""
-    from nitro_ar.kernels.backend import triton_available
-
-    cfg = NitroARConfig.for_variant(family)
-    with torch.device("meta"):
-        model = NitroAR(cfg).eval()
-    backend = ("triton" if triton_available() else "torch") if impl == "fast" else "reference"
-    if impl == "fast":
-        nitro_ar.fast.swap_classes(model, backend)  # accelerate() would pick torch for meta tensors
-    text = torch.randn(1, 128, cfg.caption_channels, device="meta")
-
-    def run():
-        return model.generate(text, text, generator=torch.Generator().manual_seed(0))
-
-    kernels, syncs = count_work(run, "meta")
-    benchmark.group = f"work per image {family}"
+@pytest.mark.parametrize("batch", [1, 32])
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_work_per_image(benchmark, family, impl, batch):
+    """Kernels and host syncs per image: full size, released sampling settings, meta device;
+    eager, fast with library GEMMs (``NITRO_AR_GEMM=library``) and fast with fused GEMMs."""
+    work = work_per_image(family, impl, batch)
+    benchmark.group = f"work per image {family} batch {batch}"
     benchmark.pedantic(lambda: None, rounds=1, iterations=1)  # the record; counts are not timings
-    benchmark.extra_info.update(impl=impl, config="full size", batch=1, backend=backend, timed=False,
-                                sampling=dict(ar_steps=cfg.ar_steps, head_steps=cfg.head_steps, cfg=cfg.cfg),
-                                kernels_per_image=kernels, host_syncs_per_image=syncs)
-    assert syncs == 0
+    benchmark.extra_info.update(impl=impl, config="full size", batch=batch, timed=False, **work)
+    assert work["host_syncs_per_image"] == 0

@@ -19,7 +19,7 @@ import torch
 
 import nitro_ar.fast as fast
 from benchutil import ON_GPU, count_flops, record_rate, synchronized
-from nitro_ar.fast.heads import count_launches
+from nitro_ar.fast.counting import count_launches
 from nitro_ar.heads import MLPHead, TransformerHead, head_steps_schedule, sample_head
 from nitro_ar.schedules import mar_mask_len
 

@@ -35,6 +35,11 @@ KERNEL_BACKENDS = ("triton", "interpret")
 # Dtypes every kernel takes; others (float64, ...) run the eager reference.
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 ENV_BACKEND = "NITRO_AR_BACKEND"
+# Which GEMMs the kernel backends use where a fused Triton GEMM exists: "fused" (the kernels of
+# nitro_ar.kernels.fused_linear) or "library" (the vendor's GEMM with unfused neighbours);
+# unset: the tuned choice per shape bucket (fused until tuned).
+ENV_GEMM = "NITRO_AR_GEMM"
+GEMM_PATHS = ("fused", "library")
 
 # Config keys that only AMD's Triton backend understands; passing them on CUDA raises.
 HIP_ONLY_KEYS = ("waves_per_eu", "matrix_instr_nonkdim", "kpack")
@@ -113,14 +118,24 @@ def _announce(message: str) -> None:
         logger.info(message)
 
 
-def requested_backend() -> Optional[str]:
-    """The backend named by ``NITRO_AR_BACKEND``, validated, or None when unset."""
-    value = os.environ.get(ENV_BACKEND, "").strip().lower()
+def _environment_choice(variable: str, accepted: Sequence[str]) -> Optional[str]:
+    """The value of ``variable`` (lower-cased), one of ``accepted``, or None when unset."""
+    value = os.environ.get(variable, "").strip().lower()
     if not value:
         return None
-    if value not in BACKENDS:
-        raise KernelInputError(f"{ENV_BACKEND}={value!r} is not accepted: expected one of {', '.join(BACKENDS)}")
+    if value not in accepted:
+        raise KernelInputError(f"{variable}={value!r} is not accepted: expected one of {', '.join(accepted)}")
     return value
+
+
+def requested_backend() -> Optional[str]:
+    """The backend named by ``NITRO_AR_BACKEND``, validated, or None when unset."""
+    return _environment_choice(ENV_BACKEND, BACKENDS)
+
+
+def requested_gemm_path() -> Optional[str]:
+    """The GEMM path named by ``NITRO_AR_GEMM`` ("fused" | "library"), validated, or None when unset."""
+    return _environment_choice(ENV_GEMM, GEMM_PATHS)
 
 
 def select_backend(device: torch.device, requested: Optional[str] = None) -> str:

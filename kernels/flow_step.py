@@ -25,7 +25,7 @@ tuned as the ops ``flow_step`` and ``flow_step_backward`` (problems:
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Tuple, Union
+from typing import Optional, Tuple, Union
 
 import torch
 import triton
@@ -34,7 +34,7 @@ import triton.language as tl
 from . import reference
 from .backend import KERNEL_BACKENDS, select_backend
 from .errors import KernelInputError
-from .launch import ConfigTable, needs_int64
+from .launch import ConfigTable, ConfigTables, needs_int64
 from .offsets import widen
 from .tuning import get_config
 
@@ -134,19 +134,9 @@ CONFIGS = ConfigTable(
 OP_NAMES = ("flow_step", "flow_step_backward")
 
 
-def candidate_configs(op_name: str, vendor: str) -> List[dict]:
-    """Configs to tune ``op_name`` ("flow_step" | "flow_step_backward") over on ``vendor``
-    ("cuda" | "hip" | "cpu"); forward and backward share the list."""
-    if op_name not in OP_NAMES:
-        raise ValueError(f"unknown op {op_name!r}")
-    return CONFIGS.candidates(vendor)
-
-
-def default_config(op_name: str, vendor: str, arch: str) -> dict:
-    """The untuned config of ``op_name`` on (vendor, arch)."""
-    if op_name not in OP_NAMES:
-        raise ValueError(f"unknown op {op_name!r}")
-    return CONFIGS.default(vendor, arch)
+# Forward and backward share the table.
+OPS = ConfigTables({name: CONFIGS for name in OP_NAMES})
+candidate_configs, default_config = OPS.candidate_configs, OPS.default_config
 
 
 def tuning_bucket(shape: dict) -> str:

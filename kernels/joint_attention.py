@@ -31,7 +31,7 @@ File order: kernels, launch configs and launchers, autograd Function, validation
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 import triton
@@ -40,7 +40,7 @@ import triton.language as tl
 from . import reference
 from .backend import KERNEL_BACKENDS, select_backend
 from .errors import KernelInputError
-from .launch import ConfigTable, needs_int64, storage_span
+from .launch import ConfigTable, ConfigTables, needs_int64, storage_span
 from .offsets import widen
 from .tuning import get_config
 
@@ -465,15 +465,8 @@ BACKWARD_CONFIGS = ConfigTable(
 CONFIGS = {"joint_attention": FORWARD_CONFIGS, "joint_attention_backward": BACKWARD_CONFIGS}
 
 
-def candidate_configs(op_name: str, vendor: str) -> List[dict]:
-    """Configs to tune ``op_name`` ("joint_attention" | "joint_attention_backward") over on
-    ``vendor`` ("cuda" | "hip" | "cpu")."""
-    return CONFIGS[op_name].candidates(vendor)
-
-
-def default_config(op_name: str, vendor: str, arch: str) -> dict:
-    """The untuned config of ``op_name`` on ``vendor`` (the same for every arch of a vendor)."""
-    return CONFIGS[op_name].default(vendor, arch)
+OPS = ConfigTables(CONFIGS)
+candidate_configs, default_config = OPS.candidate_configs, OPS.default_config
 
 
 def tuning_bucket(shape: dict) -> str:

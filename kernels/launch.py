@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
-__all__ = ["ConfigTable", "INDEX_32_LIMIT", "storage_span", "needs_int64"]
+__all__ = ["ConfigTable", "ConfigTables", "INDEX_32_LIMIT", "storage_span", "needs_int64"]
 
 # Offsets stay int32 while every element a kernel addresses lies below this. The margin below
 # 2^31 covers the masked lanes of a last, partial tile: they are computed (never dereferenced)
@@ -67,3 +67,24 @@ class ConfigTable:
     def launch_options(self, config: dict) -> dict:
         """The Triton launch options of ``config`` (everything but the host keys)."""
         return {key: value for key, value in config.items() if key not in self.host_keys}
+
+
+@dataclass(frozen=True)
+class ConfigTables:
+    """The :class:`ConfigTable` of each tunable op of a kernel module, by op name: what the
+    tuner's registry asks a module for (``candidate_configs``, ``default_config``)."""
+
+    tables: Dict[str, ConfigTable]
+
+    def _table(self, op_name: str) -> ConfigTable:
+        if op_name not in self.tables:
+            raise ValueError(f"unknown op {op_name!r}: expected one of {', '.join(self.tables)}")
+        return self.tables[op_name]
+
+    def candidate_configs(self, op_name: str, vendor: str) -> List[dict]:
+        """Fresh copies of the configs to tune ``op_name`` over on ``vendor`` ("cuda" | "hip" | "cpu")."""
+        return self._table(op_name).candidates(vendor)
+
+    def default_config(self, op_name: str, vendor: str, arch: str) -> dict:
+        """The untuned config of ``op_name`` on (vendor, arch)."""
+        return self._table(op_name).default(vendor, arch)

@@ -35,7 +35,7 @@ from __future__ import annotations
 import enum
 import functools
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 import triton
@@ -44,7 +44,7 @@ import triton.language as tl
 from . import reference
 from .backend import KERNEL_BACKENDS, select_backend
 from .errors import KernelInputError
-from .launch import ConfigTable, needs_int64, storage_span
+from .launch import ConfigTable, ConfigTables, needs_int64, storage_span
 from .offsets import widen
 from .reference import AdaLNAffine
 from .tuning import get_config
@@ -447,15 +447,8 @@ BACKWARD_CONFIGS = ConfigTable(
 CONFIGS = {"modulated_norm": FORWARD_CONFIGS, "modulated_norm_backward": BACKWARD_CONFIGS}
 
 
-def candidate_configs(op_name: str, vendor: str) -> List[dict]:
-    """Configs to tune ``op_name`` ("modulated_norm" | "modulated_norm_backward") over on
-    ``vendor`` ("cuda" | "hip" | "cpu")."""
-    return CONFIGS[op_name].candidates(vendor)
-
-
-def default_config(op_name: str, vendor: str, arch: str) -> dict:
-    """The untuned config of ``op_name`` ("modulated_norm" | "modulated_norm_backward") on (vendor, arch)."""
-    return CONFIGS[op_name].default(vendor, arch)
+OPS = ConfigTables(CONFIGS)
+candidate_configs, default_config = OPS.candidate_configs, OPS.default_config
 
 
 def tuning_bucket(shape: dict) -> str:

@@ -30,6 +30,13 @@ __all__ = [
     "guided_velocity",
     "euler_step",
     "flow_step",
+    "NormPrologue",
+    "AddSiLUPrologue",
+    "FlowEpilogue",
+    "LinearProblem",
+    "ACTIVATIONS",
+    "activation",
+    "fused_linear",
 ]
 
 
@@ -277,3 +284,124 @@ def flow_step(x: torch.Tensor, v: torch.Tensor, sigma: torch.Tensor, sigma_next:
     if v.shape[0] != x.shape[0]:
         v = guided_velocity(v, cfg)
     return euler_step(x, v, sigma, sigma_next)
+
+
+# --------------------------------------------------------------------------------------------
+# Linear with fused prologue and epilogue (kernel: fused_linear)
+# --------------------------------------------------------------------------------------------
+# Activations an epilogue applies to ``x @ W^T + b``. "gelu_mul" is the official SwiGLU's
+# ``GELU(g) * v`` (exact GELU) with W = [W_g; W_v] stacked: the output is half as wide.
+ACTIVATIONS = (None, "gelu_tanh", "silu", "gelu_mul")
+
+
+@dataclass(eq=False, frozen=True)
+class NormPrologue:
+    """The GEMM input is the modulated norm of x's rows: ``norm(x) * (1 + scale) + shift``.
+
+    Attributes:
+        norm: ``"layer"`` or ``"rms"``; eps: its epsilon; weight / bias: (K,) or None (x's
+            dtype or float32).
+        shift, scale: per token (x's shape) or per batch ((B, K) / (B, 1, K)), both or neither.
+        adaln: an :class:`AdaLNAffine` with ``shift_chunk`` / ``scale_chunk`` instead of tensors.
+    """
+
+    norm: str
+    eps: float
+    weight: Optional[torch.Tensor] = None
+    bias: Optional[torch.Tensor] = None
+    shift: Optional[torch.Tensor] = None
+    scale: Optional[torch.Tensor] = None
+    adaln: Optional[AdaLNAffine] = None
+
+
+@dataclass(eq=False, frozen=True)
+class AddSiLUPrologue:
+    """The GEMM input is ``SiLU(x + addend)``; ``addend`` broadcasts against x (e.g. a per-step
+    time embedding (S, 1, K) against per-row conditions (1, R, K))."""
+
+    addend: torch.Tensor
+
+
+@dataclass(eq=False, frozen=True)
+class FlowEpilogue:
+    """The GEMM output is a velocity and the result the Euler step of ``state`` it gives.
+
+    x is (G, R, K) with G = 2 ([uncond; cond] rows of the same R tokens) or 1; the velocity
+    ``v = v_u + cfg (v_c - v_u)`` (G = 2) and the result ``(state.float() + (sigma_next -
+    sigma) v).to(dtype)``, state (R, N). sigma / sigma_next: 0-dim float32 tensors on x's device.
+    """
+
+    state: torch.Tensor
+    sigma: torch.Tensor
+    sigma_next: torch.Tensor
+    cfg: float = 1.0
+
+
+@dataclass(eq=False)
+class LinearProblem:
+    """One GEMM of a (grouped) fused linear: the arguments of :func:`fused_linear` for one
+    problem, plus ``out``, where to write the result (e.g. a column slice of a concatenation)."""
+
+    x: torch.Tensor
+    weight: torch.Tensor
+    bias: Optional[torch.Tensor] = None
+    prologue: Union[NormPrologue, AddSiLUPrologue, None] = None
+    residual: Optional[torch.Tensor] = None
+    gate: Union[torch.Tensor, AdaLNAffine, None] = None
+    out: Optional[torch.Tensor] = None
+
+
+def activation(y: torch.Tensor, kind: Optional[str]) -> torch.Tensor:
+    """The epilogue activations of :data:`ACTIVATIONS` in plain torch: y (..., N) -> (..., N),
+    or (..., N / 2) for ``"gelu_mul"``."""
+    if kind is None:
+        return y
+    if kind == "gelu_tanh":
+        return F.gelu(y, approximate="tanh")
+    if kind == "silu":
+        return F.silu(y)
+    if kind == "gelu_mul":
+        gate, value = y.chunk(2, dim=-1)
+        return F.gelu(gate) * value
+    raise ValueError(f"unknown activation {kind!r}")
+
+
+def fused_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    *,
+    prologue: Union[NormPrologue, AddSiLUPrologue, None] = None,
+    activation_kind: Optional[str] = None,
+    residual: Optional[torch.Tensor] = None,
+    gate: Union[torch.Tensor, AdaLNAffine, None] = None,
+    flow: Optional[FlowEpilogue] = None,
+) -> torch.Tensor:
+    """What :func:`nitro_ar.kernels.fused_linear.fused_linear` computes, one problem, unchecked:
+
+    ``a = prologue(x)``; ``y = activation(a @ weight^T + bias)``; then ``residual + gate * y``
+    (``residual + y`` without gate), or the Euler step of ``flow``.
+
+    Args:
+        x: (B, L, K) (or (N, K)). weight: (N, K) (``"gelu_mul"``: (2H, K)). bias: (N,) or None.
+        prologue: :class:`NormPrologue` (:func:`modulated_norm` of x) or :class:`AddSiLUPrologue`.
+        residual: broadcastable to the output; gate: per token / per batch tensor, or an
+            :class:`AdaLNAffine` whose ``gate_chunk`` is the gate.
+        flow: :class:`FlowEpilogue` (x is (G, R, K)); excludes residual and activation.
+    Returns:
+        (B, L, N) in x's dtype ((R, N) with ``flow``).
+    """
+    a = x
+    if isinstance(prologue, NormPrologue):
+        a = modulated_norm(x, norm=prologue.norm, eps=prologue.eps, weight=prologue.weight, bias=prologue.bias,
+                           shift=prologue.shift, scale=prologue.scale, adaln=prologue.adaln)
+    elif isinstance(prologue, AddSiLUPrologue):
+        a = F.silu(x + prologue.addend)
+    y = activation(F.linear(a, weight, bias), activation_kind)
+    if flow is not None:
+        return flow_step(flow.state, y.flatten(0, 1) if y.dim() == 3 else y, flow.sigma, flow.sigma_next, flow.cfg)
+    if residual is None:
+        return y
+    if isinstance(gate, AdaLNAffine):
+        gate = adaln_affine(gate.temb, gate.bias, gate.scale)[:, gate.gate_chunk]
+    return residual + (y if gate is None else _against(y, gate) * y)

@@ -23,6 +23,8 @@ __all__ = [
     "joint_attention_problem",
     "flow_step_shapes",
     "flow_step_problem",
+    "fused_linear_shapes",
+    "fused_linear_problem",
 ]
 
 logger = logging.getLogger("nitro_ar")
@@ -207,6 +209,83 @@ def _bench_flow_step_backward(shape: dict, config: dict, device: torch.device) -
 
 
 # --------------------------------------------------------------------------------------------
+# fused_linear
+# --------------------------------------------------------------------------------------------
+def fused_linear_shapes(shape_set: str) -> List[dict]:
+    """The fused GEMM sites of each model when sampling (CFG: 2 x batch images), bf16, at batch 1
+    and 32: backbone stages (grouped image + text rows), MLP-head steps (~13 tokens per image and
+    AR step), transformer-head blocks (256 tokens per image), the heads' modulation GEMMs."""
+    _check_shape_set(shape_set)
+    shapes = []
+
+    def add(rows, n, k, fusion):
+        shapes.append(dict(rows=rows, n=n, k=k, fusion=fusion, dtype="bfloat16"))
+
+    for batch in (1, 32):
+        images = 2 * batch
+        if shape_set != "nitro-e":
+            for tokens in (256 + 128, 80 + 128):  # outer stages, middle stage (+ text)
+                add(images * tokens, 2304, 768, "norm")
+                add(images * tokens, 768, 768, "residual")
+                add(images * tokens, 2304, 768, "norm-gelu_tanh")
+                add(images * tokens, 768, 2304, "residual")
+            head_rows = images * 13
+            add(head_rows, 768, 768, "norm-silu")
+            add(head_rows, 768, 768, "residual")
+            add(head_rows // 2, 32, 768, "norm-flow")
+            add(3 * head_rows, 19968, 768, "add_silu")
+            add(images * 256, 2304, 768, "norm")
+            add(images * 256, 768, 768, "residual")
+            add(images * 256, 2048, 768, "norm-gelu_mul")
+            add(images * 256, 768, 2048, "residual")
+            add(batch * 256, 32, 768, "norm-flow")
+            add(images * 256, 38400, 768, "add_silu")
+        if shape_set != "nitro-ar":
+            for tokens in (256 + 128, 80 + 128):
+                add(images * tokens, 2304, 768, "norm")
+                add(images * tokens, 768, 768, "residual")
+                add(images * tokens, 2304, 768, "norm-gelu_tanh")
+                add(images * tokens, 768, 2304, "residual")
+    return shapes
+
+
+def fused_linear_problem(shape: dict, device: torch.device):
+    """(problem, activation, flow) of one shape: random bf16 inputs, per-token modulations."""
+    from .fused_linear import AddSiLUPrologue, FlowEpilogue, LinearProblem, NormPrologue
+
+    dtype = getattr(torch, shape["dtype"])
+    rows, n, k = shape["rows"], shape["n"], shape["k"]
+    parts = shape["fusion"].split("-")
+    activation = next((part for part in parts if part in ("gelu_tanh", "silu", "gelu_mul")), None)
+    groups = 2 if "flow" in parts else 1
+
+    def randn(*size):
+        return torch.randn(*size, device=device, dtype=dtype)
+
+    x = randn(groups, rows, k)
+    prologue = residual = gate = flow = None
+    if "norm" in parts:
+        prologue = NormPrologue("layer", 1e-6, randn(k), randn(k), randn(groups, rows, k), randn(groups, rows, k))
+    elif "add_silu" in parts:
+        prologue = AddSiLUPrologue(randn(1, 1, k))
+    if "residual" in parts:
+        residual, gate = randn(groups, rows, n), randn(groups, rows, n)
+    if "flow" in parts:
+        sigmas = torch.tensor([0.667, 0.334], device=device)
+        flow = FlowEpilogue(randn(rows, n), sigmas[0], sigmas[1], 4.0)
+    weight = randn(2 * n if activation == "gelu_mul" else n, k)
+    return LinearProblem(x, weight, randn(weight.shape[0]), prologue, residual, gate), activation, flow
+
+
+def _bench_fused_linear(shape: dict, config: dict, device: torch.device) -> float:
+    from . import fused_linear as fl
+
+    problem, activation, flow = fused_linear_problem(shape, device)
+    return _do_bench(lambda: fl.grouped_linear([problem], activation=activation, flow=flow, backend="triton",
+                                               config=config))
+
+
+# --------------------------------------------------------------------------------------------
 # Registration
 # --------------------------------------------------------------------------------------------
 # kernel module -> (shapes, {op name: bench})
@@ -216,6 +295,7 @@ PROBLEMS: Dict[str, tuple] = {
     "joint_attention": (joint_attention_shapes, {"joint_attention": _bench_joint_attention,
                                                  "joint_attention_backward": _bench_joint_attention_backward}),
     "flow_step": (flow_step_shapes, {"flow_step": _bench_flow_step, "flow_step_backward": _bench_flow_step_backward}),
+    "fused_linear": (fused_linear_shapes, {"fused_linear": _bench_fused_linear}),
 }
 
 

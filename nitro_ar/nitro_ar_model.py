@@ -90,11 +90,14 @@ class SamplingPlan:
     age_rows: int = 0  # rows of the model's age embedding fed to the backbone (0: none)
     head_sampler: str = "official"  # or "shortcut" (FAR: uniform steps, the heads' step embedding)
 
-    def schedule(self, buffers: Dict[str, torch.Tensor], count: int) -> FlowSchedule:
-        """The head schedule of ``count`` steps from the session's device buffers."""
+    def schedule(self, buffers: Dict[str, torch.Tensor], count: int, head: str = "head") -> FlowSchedule:
+        """The schedule of ``count`` steps of ``head`` ("head" or "global_head") from the session's
+        device buffers, with the head's time embedding when the session holds one."""
+        fields = dict(timesteps=buffers[f"timesteps{count}"], sigmas=buffers[f"sigmas{count}"],
+                      time_embedding=buffers.get(f"{head}_time_embedding{count}"))
         if self.head_sampler == "shortcut":
-            return ShortcutSchedule(buffers[f"timesteps{count}"], buffers[f"sigmas{count}"], buffers[f"step_size{count}"])
-        return FlowSchedule(buffers[f"timesteps{count}"], buffers[f"sigmas{count}"])
+            return ShortcutSchedule(**fields, step_size=buffers[f"step_size{count}"])
+        return FlowSchedule(**fields)
 
     @property
     def noise_rows(self) -> int:
@@ -428,7 +431,7 @@ class NitroAR(EMMDiTTrunk, PretrainedMixin):
         """joint_gan: the global token's backbone pass and head loop -> (B, L, C) starting tokens."""
 
         def run(b: Dict[str, torch.Tensor]) -> torch.Tensor:
-            schedule = plan.schedule(b, plan.global_head_steps)
+            schedule = plan.schedule(b, plan.global_head_steps, "global_head")
             token = self.global_net.sample(self.global_backbone(b["text"]), b["global_noise"], schedule, plan.global_cfg)
             return token.expand(plan.batch, plan.seq, plan.chans)
 
@@ -460,6 +463,24 @@ class NitroAR(EMMDiTTrunk, PretrainedMixin):
             z_rows = z.unflatten(0, (groups, batch)).gather(2, rows).flatten(0, 2)  # (G B rows, D)
             sampled = self.diffloss.net.sample(z_rows, noise, schedule, step.cfg)
             return tokens.scatter(1, index, sampled.view(batch, step.rows, chans))
+
+        return run
+
+    def _time_embedders(self, plan: SamplingPlan) -> Dict[str, Callable]:
+        """The heads' ``schedule_time_embedding`` by buffer prefix, for heads that hoist their
+        time embedding out of the sampling loop (the fused samplers of :mod:`nitro_ar.fast`)."""
+        heads = {"head": self.diffloss.net}
+        if plan.joint:
+            heads["global_head"] = self.global_net
+        return {name: net.schedule_time_embedding for name, net in heads.items()
+                if hasattr(net, "schedule_time_embedding")}
+
+    def _time_embedding_phase(self, plan: SamplingPlan, embedders: Dict[str, Callable]):
+        """Every hoisting head's embedding of every schedule of the plan (once per call)."""
+
+        def run(b: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, ...]:
+            return tuple(embed(b[f"timesteps{count}"], self.dtype) for embed in embedders.values()
+                         for count in plan.head_counts)
 
         return run
 
@@ -554,6 +575,10 @@ class NitroAR(EMMDiTTrunk, PretrainedMixin):
                       [f"positions{step.index}" for step in plan.steps])
         if plan.age_rows:
             session.phase(lambda b: plan.generation_steps(b["orders"]), "made")
+        embedders = self._time_embedders(plan)
+        if embedders:
+            session.phase(self._time_embedding_phase(plan, embedders),
+                          [f"{name}_time_embedding{count}" for name in embedders for count in plan.head_counts])
         if plan.joint:
             tokens = session.phase(self._global_phase(plan), "tokens0")
         else:

@@ -11,7 +11,7 @@ import functools
 import math
 import numbers
 from dataclasses import dataclass
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -39,10 +39,15 @@ class FlowSchedule:
 
     ``timesteps[i]`` (float32) is what the network is given at step i; the step moves the state
     from ``sigmas[i]`` to ``sigmas[i + 1]`` (float32). ``len(sigmas) == len(timesteps) + 1``.
+
+    ``time_embedding``: optionally, one sampling head's embedding of ``timesteps`` ((S, W), the
+    head's ``schedule_time_embedding``), computed once for many sampling loops (NitroAR.generate:
+    once per call); heads that hoist it use it, the reference loop embeds per step.
     """
 
     timesteps: torch.Tensor
     sigmas: torch.Tensor
+    time_embedding: Optional[torch.Tensor] = None
 
     def __len__(self) -> int:
         return len(self.timesteps)

@@ -4,8 +4,9 @@ GPU, through the real host launchers, and read each compiled kernel's static bud
 The interpreter does not catch what only the compilers reject (non-power-of-two aranges, shared
 memory / LDS limits, backend-only options), nor register pressure. Here the full-size models
 (Nitro-AR ``gan`` and ``joint_gan``, Nitro-E; bf16; batch 1 and 64, CFG doubling the rows) run
-their accelerated forward passes (sampling) and a bf16-autocast training step (backward
-kernels) on fake tensors that claim to be on a GPU:
+their accelerated forward passes (sampling), a training step (bf16 weights, and float32 weights
+under bf16 autocast) and the adversarial fine-tuning's differentiated head sampler, forward and
+backward, on fake tensors that claim to be on a GPU:
 
 - torch side: ``FakeTensorMode`` tensors on ``cuda`` (shapes, strides and 16-byte alignment as
   at run time, no storage) and a stubbed ``torch.cuda`` reporting the target's name, arch and
@@ -14,7 +15,10 @@ kernels) on fake tensors that claim to be on a GPU:
 - Triton side: a stubbed driver reporting the target, so ``kernel[grid](...)`` specialises on
   the actual arguments and compiles with Triton's own compilers (ptxas bundled with Triton;
   AMD's LLVM + ld.lld built into libtriton); its launcher records the launch instead of running
-  it, and loading checks shared memory and threads per block as the real driver does.
+  it, and loading checks shared memory and threads per block as the real driver does;
+- autograd: the backward passes run in a small Python engine (:func:`backward`; the C++ one
+  needs a CUDA device), which calls each graph node's backward as the engine would, so the
+  custom Functions' backward launchers run too.
 
 Each compiled specialisation's registers, spills, shared memory / LDS and occupancy are read
 from the compiler's output: ``cuobjdump -res-usage`` and ``ptxas -v`` for sm_90, the AMDGCN
@@ -30,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import io
 import json
 import math
 import os
@@ -88,25 +93,49 @@ def ptxas_version() -> str:
     return out.strip().splitlines()[-1]
 
 
-def sm90_usage(kernel, target: Target) -> dict:
-    """Registers, spills, shared memory and occupancy of a compiled sm_90 kernel.
+PTXAS_LOG = "static-check.ptxas-v.log"  # kept next to the kernel in Triton's cache
 
-    Registers / local memory from ``cuobjdump -res-usage`` of Triton's cubin; spill stores and
-    loads from ``ptxas -v`` on Triton's PTX (same ptxas, same options as Triton's own call).
+
+def _ptxas_log(kernel, captured: str = "") -> str:
+    """``ptxas -v`` output for ``kernel``: ``captured`` when it holds Triton's own ptxas run for it
+    (a fresh compile; see run_target), else the copy kept in Triton's cache with the kernel, else
+    ptxas on Triton's PTX with the options of Triton's own call (a cache hit compiled elsewhere).
     """
-    with tempfile.TemporaryDirectory() as tmp:
-        cubin, ptx = Path(tmp) / "k.cubin", Path(tmp) / "k.ptx"
-        cubin.write_bytes(kernel.asm["cubin"])
-        ptx.write_text(kernel.asm["ptx"])
-        res = subprocess.run([_nvidia_tool("cuobjdump"), "-res-usage", str(cubin)], capture_output=True, text=True,
-                             check=True).stdout
-        from triton.backends.nvidia.compiler import sm_arch_from_capability
+    from triton.runtime.cache import get_cache_manager
 
+    cache = get_cache_manager(kernel.hash)  # the directory Triton keeps this kernel in
+    if f"entry function '{kernel.name}'" in captured:
+        cache.put(captured, PTXAS_LOG, binary=False)
+        return captured
+    kept = cache.get_file(PTXAS_LOG)
+    if kept:
+        return Path(kept).read_text()
+    from triton.backends.nvidia.compiler import sm_arch_from_capability
+
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx = Path(tmp) / "k.ptx"
+        ptx.write_text(kernel.asm["ptx"])
         fmad = [] if kernel.metadata.enable_fp_fusion else ["--fmad=false"]
         arch = sm_arch_from_capability(kernel.metadata.target.arch)
         log = subprocess.run([_nvidia_tool("ptxas"), "-lineinfo", *fmad, "-v", "--regAllocOptLevel=2",
                               f"--gpu-name={arch}", str(ptx), "-o", str(Path(tmp) / "v.o")],
                              capture_output=True, text=True, check=True).stderr
+    cache.put(log, PTXAS_LOG, binary=False)
+    return log
+
+
+def sm90_usage(kernel, target: Target, ptxas_log: str = "") -> dict:
+    """Registers, spills, shared memory and occupancy of a compiled sm_90 kernel.
+
+    Registers / local memory from ``cuobjdump -res-usage`` of Triton's cubin; spill stores and
+    loads from ``ptxas -v`` (:func:`_ptxas_log`).
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = Path(tmp) / "k.cubin"
+        cubin.write_bytes(kernel.asm["cubin"])
+        res = subprocess.run([_nvidia_tool("cuobjdump"), "-res-usage", str(cubin)], capture_output=True, text=True,
+                             check=True).stdout
+    log = _ptxas_log(kernel, ptxas_log)
     usage = {key.lower(): int(value) for key, value in re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", res)}
     stores = sum(int(n) for n in re.findall(r"(\d+) bytes spill stores", log))
     loads = sum(int(n) for n in re.findall(r"(\d+) bytes spill loads", log))
@@ -164,8 +193,8 @@ def gfx942_usage(kernel, target: Target) -> dict:
     }
 
 
-def usage(kernel, target: Target) -> dict:
-    return sm90_usage(kernel, target) if target.vendor == "cuda" else gfx942_usage(kernel, target)
+def usage(kernel, target: Target, ptxas_log: str = "") -> dict:
+    return sm90_usage(kernel, target, ptxas_log) if target.vendor == "cuda" else gfx942_usage(kernel, target)
 
 
 def spills(entry: dict) -> int:
@@ -190,7 +219,7 @@ class Recorder:
         self.entries: Dict[str, dict] = {}  # kernel hash -> entry
         self.errors: List[dict] = []
 
-    def compiled(self, kernel) -> None:
+    def compiled(self, kernel, ptxas_log: str = "") -> None:
         if kernel.hash in self.entries:
             return
         meta = kernel.metadata
@@ -212,7 +241,7 @@ class Recorder:
             **{key: getattr(meta, key) for key in HIP_OPTIONS if hasattr(meta, key)},
             "sites": [],
             "grids": [],
-            **usage(kernel, self.target),
+            **usage(kernel, self.target, ptxas_log),
         }
         self.entries[kernel.hash] = entry
 
@@ -319,6 +348,123 @@ def fake_gpu(target: Target):
     finally:
         for (owner, name), value in saved.items():
             setattr(owner, name, value)
+
+
+# --------------------------------------------------------------------------------------------
+# Backward pass without the autograd engine
+# --------------------------------------------------------------------------------------------
+# ``loss.backward()`` cannot run here: the C++ engine asks the CUDA runtime about the tensors'
+# device (``hasPrimaryContext``, for its per-device streams and threads) before it runs any node,
+# and there is no CUDA device. It is a scheduler, though: each node's backward formula runs in
+# the node itself. :func:`backward` walks the graph from the loss in Python and calls every node
+# as the engine would (same inputs, dtypes and shapes), so the custom Functions' ``backward``
+# launches the backward kernels through their real launchers. (Patching the engine is not
+# possible from Python; ``torch.func.vjp`` and AOTAutograd trace through the same engine, and the
+# latter would not run the launchers at all.)
+@contextlib.contextmanager
+def python_autograd():
+    """Record what :func:`backward` needs of the custom Functions and their nodes do not expose
+    to Python: which forward arguments were tensors (the backward returns one gradient per
+    argument; ``next_functions`` has one edge per tensor), which outputs were tensors, and
+    ``set_materialize_grads``."""
+    import torch
+    from torch.autograd.function import Function, FunctionCtx
+
+    apply, set_materialize = Function.__dict__["apply"], FunctionCtx.set_materialize_grads
+
+    def recording_apply(cls, *args, **kwargs):
+        out = apply.__get__(None, cls)(*args, **kwargs)
+        outputs = out if isinstance(out, tuple) else (out,)
+        for tensor in outputs:
+            node = getattr(tensor, "grad_fn", None)
+            if node is not None and getattr(type(node), "_forward_cls", None) is cls:
+                node._static_check_tensor_args = [isinstance(arg, torch.Tensor) for arg in args]
+                node._static_check_tensor_outputs = [isinstance(output, torch.Tensor) for output in outputs]
+                break
+        return out
+
+    def recording_set_materialize(self, value):
+        set_materialize(self, value)
+        self._static_check_materialize = bool(value)
+
+    Function.apply = classmethod(recording_apply)
+    FunctionCtx.set_materialize_grads = recording_set_materialize
+    try:
+        yield
+    finally:
+        Function.apply = apply
+        FunctionCtx.set_materialize_grads = set_materialize
+
+
+def _run_node(node, grads: list) -> tuple:
+    """One node's backward on the gradients of its outputs (None: no gradient), as the engine
+    calls it; returns one gradient per ``node.next_functions`` edge."""
+    import torch
+    from torch.autograd.function import BackwardCFunction
+
+    if not isinstance(node, BackwardCFunction):  # a C++ node: undefined gradients are None
+        out = node(*grads)
+        return out if isinstance(out, tuple) else (out,)
+    # A custom Function (the C++ PyNode's part done here): missing gradients of tensor outputs
+    # become zeros unless the Function asked otherwise, and its per-argument result keeps the
+    # tensor arguments' gradients.
+    if not hasattr(node, "_static_check_tensor_args"):
+        raise RuntimeError(f"{type(node).__name__}: its forward ran outside python_autograd()")
+    if getattr(node, "_static_check_materialize", True):
+        grads = [torch.zeros(meta.shape, dtype=meta.dtype, device=meta.device) if grad is None and is_tensor else grad
+                 for grad, meta, is_tensor in zip(grads, node._input_metadata, node._static_check_tensor_outputs)]
+    out = node.apply(*grads)
+    out = out if isinstance(out, tuple) else (out,)
+    return tuple(grad for grad, is_tensor in zip(out, node._static_check_tensor_args) if is_tensor)
+
+
+def backward(loss, leaf_grads: bool = False) -> Optional[dict]:
+    """``loss.backward()`` for the kernels' sake: every node between the loss and the leaves runs
+    once, in topological order, on the summed gradients of its outputs, each cast and reduced to
+    the dtype and shape its node recorded (the engine's ``validate_outputs``). Leaves' ``.grad``
+    is left alone; with ``leaf_grads``, returns {id(leaf): gradient} (for the tests)."""
+    import torch
+
+    def edges(node):
+        return [(child, nr) for child, nr in node.next_functions
+                if child is not None and type(child).__name__ != "AccumulateGrad"]
+
+    root = loss.grad_fn
+    pending, stack = {root: 0}, [root]
+    while stack:  # consumers of each node, one per edge
+        for child, _ in edges(stack.pop()):
+            if child not in pending:
+                pending[child] = 0
+                stack.append(child)
+            pending[child] += 1
+    buffers = {root: [torch.ones_like(loss, memory_format=torch.preserve_format)]}
+    leaves, ready = {}, [root]
+    with torch.no_grad():
+        while ready:
+            node = ready.pop()
+            grads = _run_node(node, buffers.pop(node))
+            for (child, nr), grad in zip(node.next_functions, grads):
+                if child is None:
+                    continue
+                leaf = type(child).__name__ == "AccumulateGrad"
+                if leaf and not leaf_grads:
+                    continue
+                if grad is not None:
+                    meta = child._input_metadata[nr]
+                    grad = grad if grad.dtype == meta.dtype else grad.to(meta.dtype)
+                    grad = grad if list(grad.shape) == list(meta.shape) else grad.sum_to_size(meta.shape)
+                if leaf:
+                    if grad is not None:
+                        key = id(child.variable)
+                        leaves[key] = grad if key not in leaves else leaves[key] + grad
+                    continue
+                slots = buffers.setdefault(child, [None] * len(child._input_metadata))
+                if grad is not None:
+                    slots[nr] = grad if slots[nr] is None else slots[nr] + grad
+                pending[child] -= 1
+                if not pending[child]:
+                    ready.append(child)
+    return leaves if leaf_grads else None
 
 
 # --------------------------------------------------------------------------------------------
@@ -448,22 +594,43 @@ def train_sites(name: str, model, batch: int):
                     vg = model.global_head(randn(batch, 1, cfg.in_channels), torch.full((batch,), 500.0,
                                                                                           device=device), zg)
                     loss = v.float().sum() + vg.float().sum()
-        loss.backward()
+        backward(loss)
 
     yield "train step", step
+    if name == "nitro_e":
+        return
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    with unset_fake_temporarily():  # host data, as in sample_sites
+        schedule = model.head_schedule(cfg.head_steps)
+
+    def adversarial():
+        # Adversarial head fine-tuning (objectives.HeadGenerator): frozen backbone, then the head's
+        # few-step sampler (unguided) differentiated end to end: the fused Euler step's backward.
+        text = randn(batch, cfg.text_max_length, cfg.caption_channels)
+        with autocast():
+            with torch.no_grad():
+                z = model.backbone(randn(batch, cfg.num_tokens, cfg.in_channels), text)
+            if name == "gan":  # every token masked (the most rows a step samples)
+                z = z.reshape(-1, z.shape[-1])
+            sampled = model.diffloss.net.sample(z, randn(*z.shape[:-1], cfg.in_channels), schedule, 1.0)
+        backward(sampled.float().sum())
+
+    yield "head sample (adversarial)", adversarial
 
 
 def defined_kernels() -> List[str]:
-    """Every ``@triton.jit`` function of the kernel modules that no other one calls: the kernels
-    the launchers launch (the others are device functions inlined into them)."""
+    """Every ``@triton.jit`` function of the modules of ``nitro_ar.kernels`` that no other one
+    calls: the kernels the launchers launch (the others are device functions inlined into them)."""
     import importlib
+    import pkgutil
 
     from triton.runtime.jit import JITFunction
 
-    from nitro_ar.kernels.tuning import KERNEL_MODULES
+    import nitro_ar.kernels as package
 
     functions = {}
-    for module_name in KERNEL_MODULES:
+    for module_name in sorted(info.name for info in pkgutil.iter_modules(package.__path__, f"{package.__name__}.")):
         module = importlib.import_module(module_name)
         functions.update({f"{module_name}.{name}": obj for name, obj in vars(module).items()
                           if isinstance(obj, JITFunction) and obj.module == module_name})
@@ -505,15 +672,27 @@ def run_target(target: Target) -> dict:
     import nitro_ar.fast as fast
 
     recorder = Recorder(target)
+    # Triton runs ptxas with -v; with dump_ptxas_log it prints that log (stdout, captured from
+    # each compile's start to its end) and the kernel's entry reads its spills from it, with no
+    # second ptxas run (see _ptxas_log).
+    ptxas_log = io.StringIO()
+
+    def pre_compile(**_):
+        ptxas_log.seek(0)
+        ptxas_log.truncate()
+        return False  # compile
 
     def post_compile(*, key, repr, fn, compile, is_manual_warmup, already_compiled):
         caches = fn.jit_function.device_caches[compile["device"]]
-        recorder.compiled(caches[0][key])
+        recorder.compiled(caches[0][key], ptxas_log.getvalue())
 
+    knobs.runtime.jit_cache_hook = pre_compile
     knobs.runtime.jit_post_compile_hook = post_compile
+    knobs.nvidia.dump_ptxas_log = target.vendor == "cuda"
     driver.set_active(StubDriver(target, recorder))
     started = time.perf_counter()
-    with warnings.catch_warnings(), fake_gpu(target), FakeTensorMode(allow_non_fake_inputs=True):
+    with warnings.catch_warnings(), contextlib.redirect_stdout(ptxas_log), fake_gpu(target), python_autograd(), \
+            FakeTensorMode(allow_non_fake_inputs=True):
         # FakeTensor.data_ptr is what Triton's specialisation reads: 16-byte alignment as at run time.
         warnings.filterwarnings("ignore", message="Accessing the data pointer of FakeTensor")
         warnings.filterwarnings("ignore", message="nitro_ar: no tuned kernel configs")  # defaults are the subject
@@ -541,7 +720,8 @@ def run_target(target: Target) -> dict:
                       **({"ptxas": ptxas_version()} if target.vendor == "cuda" else {})},
         "workloads": {"models": list(model_configs()), "batches": list(BATCHES), "dtype": "bfloat16",
                       "sampling": "guided (CFG: 2 x batch rows)",
-                      "training": "bf16 weights, and float32 weights under bf16 autocast; batch rows"},
+                      "training": "bf16 weights, and float32 weights under bf16 autocast; batch rows; a training "
+                                  "step and (Nitro-AR) the adversarial fine-tuning's head sampler, forward and backward"},
         "compile_seconds": round(time.perf_counter() - started, 1),
         "errors": recorder.errors,
         "defined_kernels": defined_kernels(),

@@ -163,3 +163,41 @@ def test_fused_norm_promotes_mixed_dtypes_as_eager_pytorch():
     assert x_new.dtype == out.dtype == want.dtype == torch.float32
     torch.testing.assert_close(x_new, want_x, rtol=1e-2, atol=1e-2)  # eager rounds gate * residual to bf16 first
     torch.testing.assert_close(out, want, rtol=1e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("gemm", ["fused", "library"])
+@pytest.mark.parametrize("variant", ["gan", "joint_gan", "nitro_e"])
+def test_both_gemm_paths_match_the_reference(variant, gemm, monkeypatch):
+    """``NITRO_AR_GEMM=library`` keeps the structure with library GEMMs (the one training uses);
+    unset, sampling runs the fused-GEMM launches: both give the reference's numbers."""
+    from nitro_ar.kernels.backend import ENV_GEMM
+
+    monkeypatch.setenv(ENV_GEMM, gemm)
+    if variant == "nitro_e":
+        model = tiny_e()
+        inputs = (torch.randn(2, 32, 16, 16), _text(2), torch.tensor([999.0, 3.5]))
+        run = model
+    else:
+        model = tiny_ar(variant)
+        inputs = (torch.randn(2, 256, 32), _text(2))
+        run = model.backbone
+    with torch.no_grad():
+        ref = run(*inputs)
+        fast.accelerate(model, backend="interpret")
+        _close(run(*inputs), ref)
+
+
+def test_kernels_per_image_meet_the_targets():
+    """Counted on the meta device at full size, batch 1, the released sampling settings: the
+    fused-GEMM path runs a gan image in <= 5,000 kernels, joint_gan in <= 700, a Nitro-E Euler
+    step in <= 300; the library-GEMM path runs more; no host sync in either."""
+    from nitro_ar.fast.counting import work_per_image
+
+    targets = {"gan": ("kernels_per_image", 5000), "joint_gan": ("kernels_per_image", 700),
+               "nitro_e": ("kernels_per_step", 300)}
+    for family, (figure, target) in targets.items():
+        fused = work_per_image(family, "fast-fused")
+        assert fused["backend"] == "triton" and fused[figure] <= target, (family, fused)
+        assert fused["host_syncs_per_image"] == 0
+    library = work_per_image("joint_gan", "fast-library")
+    assert library["kernels_per_image"] > work_per_image("joint_gan", "fast-fused")["kernels_per_image"]

@@ -13,12 +13,12 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import nitro_ar.fast as fast
 from conftest import DEVICE, GPU_KERNELS, KERNEL_BACKEND
 from factories import TEXT_WIDTH, randomize_, tiny_ar
+from nitro_ar.fast.counting import count_launches
 from nitro_ar.fast.heads import (
     FAST_HEAD_CLASSES,
     FastHeadAttention,
     FastTransformerHead,
     FastTransformerHeadBlock,
-    count_launches,
     guided_flow_step,
 )
 from nitro_ar.heads import (
@@ -92,7 +92,7 @@ def test_drop_ins_keep_parameters_and_keys(make):
     head = accelerated(reference, KERNEL_BACKEND)
     assert type(head) is FAST_HEAD_CLASSES[type(reference)]
     for ref_module, fast_module in zip(reference.modules(), head.modules()):
-        expected = FAST_HEAD_CLASSES.get(type(ref_module), type(ref_module))
+        expected = fast.FAST_CLASSES.get(type(ref_module), type(ref_module))
         assert type(fast_module) is expected and issubclass(expected, type(ref_module))
     ref_state, fast_state = reference.state_dict(), head.state_dict()
     assert list(ref_state) == list(fast_state)
@@ -316,16 +316,18 @@ def test_unsupported_dtype_step_falls_back_to_torch():
 # --------------------------------------------------------------------------------------------
 # Launches per AR iteration
 # --------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("make,tokens,per_block,per_step", [(mlp_head, None, 4, 4), (transformer_head, 16, 9, 5)],
-                         ids=["mlp", "transformer"])
+@pytest.mark.parametrize("make,tokens,per_block,per_step", [(mlp_head, None, 2, 2), (transformer_head, 16, 5, 2),
+                                                          (transformer_head, 1, 4, 2)],
+                         ids=["mlp", "transformer", "transformer-one-token"])
 def test_launches_grow_by_a_constant_per_step(make, tokens, per_block, per_step):
     """Launches of one sampling call = a constant + a fixed count per Euler step, well below the
-    reference loop's. CPU: exactly ``per_block * depth + per_step`` per step (input_proj, first
-    fused norm, per block the GEMMs, activations and one fused norm per residual, final Linear,
-    fused guidance + Euler step; all of a schedule's modulations fit one GEMM here)."""
+    reference loop's. CPU: exactly ``per_block * depth + per_step`` per step: input_proj (the
+    position table in its epilogue), per block the fused GEMMs (MLP: 2; transformer: qkv, the
+    attention, proj, SwiGLU input, fc2; one token: no attention, its output is v), and the final
+    layer with the guided Euler step; all of a schedule's modulations fit one GEMM here."""
     reference = make(depth=2)
     head = accelerated(reference, KERNEL_BACKEND)
-    z, noise = head_inputs(reference, 7 if tokens is None else 1, 4.0, tokens)
+    z, noise = head_inputs(reference, 7 if tokens is None else 2, 4.0, tokens)
     step_counts = [1, 2, 4]
     plans = [schedule(n, tokens is not None) for n in step_counts]
     with torch.no_grad():

@@ -8,8 +8,8 @@ import torch
 
 from factories import TEXT_WIDTH, tiny_ar, tiny_e
 from graph_standin import StandInGraph, StandInGraphs
+from nitro_ar.fast.counting import count_launches
 from nitro_ar.fast.graphs import GraphCache, disable_graphs, enable_graphs
-from nitro_ar.fast.heads import count_launches
 
 SHORT = dict(block_groups=(1, 1, 1), sample_size=8)  # 64 tokens: every code path, fast on CPU
 

@@ -12,13 +12,16 @@ import triton
 import triton.language as tl
 
 from nitro_ar.kernels import flow_step as fs
+from nitro_ar.kernels import fused_linear as fl
 from nitro_ar.kernels import joint_attention as ja
 from nitro_ar.kernels import modulated_norm as mn
 from nitro_ar.kernels.backend import interpreter_requested
+from nitro_ar.kernels.fused_linear import _rows
 from nitro_ar.kernels.joint_attention import _member_positions
 from nitro_ar.kernels.launch import INDEX_32_LIMIT, needs_int64, storage_span
 from nitro_ar.kernels.modulated_norm import _tile_offsets
 from nitro_ar.kernels.offsets import widen
+from nitro_ar.kernels.reference import LinearProblem
 
 META = torch.device("meta")
 DEVICE = torch.device("cuda") if torch.cuda.is_available() and not interpreter_requested() else torch.device("cpu")
@@ -127,4 +130,27 @@ def test_attention_positions_do_not_wrap():
         out = torch.zeros(16, dtype=torch.int64, device=DEVICE)
         _position_offsets_probe[(1,)](out, start, group, stride_l, GROUPS=groups, GROUP_LEN=group_len,
                                       INDEX_64=index_64, BLOCK=16)
+        assert bool((out.cpu() != exact).any()) == wraps
+
+
+@triton.jit
+def _fused_linear_rows_probe(out_ptr, first, M, L, stride_b, stride_l, INDEX_64: tl.constexpr, BLOCK: tl.constexpr):
+    batch, pos, _ = _rows(first, M, L, BLOCK, INDEX_64)
+    tl.store(out_ptr + tl.arange(0, BLOCK), batch * stride_b + pos * stride_l)
+
+
+def test_fused_linear_plan_and_row_offsets_do_not_wrap():
+    """The transformer head's modulation GEMM at 2 x 110 images (56,320 rows of 38,400 outputs,
+    ~2.16e9 elements): the plan, from meta tensors, asks for 64-bit offsets, and with them the
+    last rows' output offsets are exact (they wrap in int32)."""
+    rows, width = 2 * 110 * 256, 38_400
+    x = torch.empty(2, rows // 2, 768, device=META)
+    plan, _ = fl._prepare([LinearProblem(x, torch.empty(width, 768, device=META))], None, None)
+    assert plan.index_64
+    length, first = rows // 2, rows - 16
+    exact = torch.tensor([(r // length) * length * width + (r % length) * width for r in range(first, rows)])
+    assert exact.max() > 2**31
+    for index_64, wraps in ((True, False), (False, True)):
+        out = torch.zeros(16, dtype=torch.int64, device=DEVICE)
+        _fused_linear_rows_probe[(1,)](out, first, rows, length, length * width, width, INDEX_64=index_64, BLOCK=16)
         assert bool((out.cpu() != exact).any()) == wraps

@@ -21,17 +21,19 @@ from torch import nn
 
 from ..errors import invalid
 from ..kernels.backend import select_backend
+from ..layers import RMSNorm
 from ..mmdit import JointAttention, JointTransformerBlock
 from ..nitro_ar_model import NitroAR
 from ..nitro_e_model import NitroE
-from .backbone import FastJointAttention, FastJointTransformerBlock
+from .backbone import FastJointAttention, FastJointTransformerBlock, FastRMSNorm
 from .heads import FAST_HEAD_CLASSES
 
 __all__ = ["accelerate", "restore", "is_accelerated", "backend_of", "swap_classes", "FAST_CLASSES",
-           "FastJointAttention", "FastJointTransformerBlock"]
+           "FastJointAttention", "FastJointTransformerBlock", "FastRMSNorm"]
 
 # reference class -> accelerated drop-in (a subclass with the same parameters)
 FAST_CLASSES: Dict[Type[nn.Module], Type[nn.Module]] = {
+    RMSNorm: FastRMSNorm,
     JointAttention: FastJointAttention,
     JointTransformerBlock: FastJointTransformerBlock,
     **FAST_HEAD_CLASSES,

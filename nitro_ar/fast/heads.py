@@ -16,45 +16,49 @@ Both fast heads override the reference heads' ``sample(z, noise, schedule, cfg)`
 (kernel 3 and its joint equivalent):
 
 - step-invariant work runs once per call (once per AR iteration): ``cond_embed(z)`` (and
-  ``c_norm`` for the transformer head), the time embedding of every step of the schedule in
-  one small GEMM chain over its timesteps (not per row), the SiLU of every step's condition,
-  and the modulations of as many steps as fit a memory budget in one GEMM;
+  ``c_norm`` for the transformer head), and the modulations of as many steps as fit a memory
+  budget in one GEMM; the time embedding of the schedule's timesteps is the same for every
+  row and AR step, so ``NitroAR.generate`` computes it once per call
+  (``schedule_time_embedding``, passed in ``schedule.time_embedding``);
 - CFG does not duplicate the noisy tokens: ``input_proj`` runs on the N shared rows and the
   unconditional and conditional rows read the same values (a stride-0 view) until the first
   gated residual makes them differ;
-- the guidance combine and the Euler update are one fused epilogue
-  (:mod:`nitro_ar.kernels.flow_step`) on the kernel backends;
+- sampling on a kernel backend runs every GEMM through :mod:`nitro_ar.kernels.fused_linear`
+  with its neighbours fused in (``_fused_step``): the modulation GEMM takes ``SiLU(t_emb +
+  condition)`` as its prologue; each MLP block is two launches (LayerNorm + modulation + GEMM
+  + SiLU; GEMM + gated residual); each transformer block five (qkv with RMSNorm + modulation,
+  attention, proj + gated residual, SwiGLU input with RMSNorm + modulation and GELU(g) * v,
+  fc2 + gated residual); the final layer carries the guidance combine and the Euler step;
+- elsewhere (autograd, the torch backend, ``NITRO_AR_GEMM=library``) library GEMMs with the
+  fused norms and the fused guidance + Euler step (:mod:`nitro_ar.kernels.flow_step`);
 - the schedule's own timesteps and sigmas, and no random numbers drawn (the noise is given), so
   the result equals the reference loop within rounding, for any step count and for DiSA (the
   schedule comes with each call).
 
-Launches per AR iteration (kernel backends, counted by the tests with :func:`count_launches`):
+Launches per AR iteration with fused GEMMs (counted by the tests with
+:func:`nitro_ar.fast.counting.count_launches`), for depth D and S Euler steps:
 
-- MLP head of depth D, S Euler steps: 15 once (``cond_embed``; the time embedding of the S
-  timesteps, 8 of them small ops of ``timestep_embedding``; condition add and SiLU; one
-  modulation GEMM for all steps) + ``4 D + 4`` per step (input_proj, first fused norm; per
-  block Linear, SiLU, Linear, fused gated-residual norm; final Linear; fused guidance + Euler
-  step). Released head (D = 8, S = 3): 123, against 348 for the reference loop.
-- Transformer head: 26 once + ``9 D + 6`` per step (input_proj, position add, first fused
-  norm; per block qkv GEMM, attention, proj, fused norm, SwiGLU input GEMM, GELU, mul, fc2,
-  fused norm; final Linear; fused step; the step's modulation GEMM, one per step at
-  2 x 256 tokens). Released head (D = 8, S = 6): 494, against 1812 for the reference loop.
+- MLP head: 2 once (``cond_embed``; one modulation GEMM for all steps) + ``2 D + 2`` per step
+  (input_proj; two per block; the final layer with the Euler step). Released head (D = 8,
+  S = 3): 56, against 348 for the reference loop (123 with library GEMMs).
+- Transformer head: ``c_norm(cond_embed)`` once + per step the step's modulation GEMM (one per
+  step at 2 x 256 tokens), ``5 D + 2`` (``4 D + 2`` for the one global token, whose attention is
+  its value). Released head (D = 8, S = 6): 265.
 
-Gradients: everything is differentiable (the kernel paths with backward, torch ops elsewhere),
-so adversarial fine-tuning can back-propagate through ``sample``.
+Gradients: everything is differentiable (autograd takes the library-GEMM structure, whose
+kernels all have backward passes), so adversarial fine-tuning can back-propagate through
+``sample``.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Optional, Tuple, Type
+from typing import Dict, List, Optional, Tuple, Type
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
 from ..heads import HeadAttention, MLPHead, TransformerHead, TransformerHeadBlock, check_head_inputs, embed_step_size
 from ..kernels import reference
-from ..kernels.backend import interpreter_requested, triton_available
 from ..schedules import FlowSchedule
 from . import ops
 from .backbone import FusedLinear
@@ -67,7 +71,6 @@ __all__ = [
     "FAST_HEAD_CLASSES",
     "MODULATION_BUDGET",
     "guided_flow_step",
-    "count_launches",
 ]
 
 # Largest modulation tensor (elements) computed in one GEMM: the MLP head's few dozen rows fit
@@ -96,24 +99,24 @@ def guided_flow_step(x: torch.Tensor, v: torch.Tensor, sigma: torch.Tensor, sigm
     return reference.flow_step(x, v, sigma, sigma_next, cfg)
 
 
-class _FastFlowHead:
+class _FastFlowHead(ops.DropIn):
     """The multi-step sampler shared by the fast heads, and their fast-path bookkeeping.
 
     A head supplies ``_modulated_linears()`` (every Linear applied to SiLU(condition), in the
-    order its ``_velocity`` splits the fused output), ``_embed_input``, ``_step_conditions`` and
-    ``_velocity``. Activations of one velocity evaluation are laid out as (G, R, W): G = 2
-    groups ([uncond; cond]) with CFG or 1, R rows per group (tokens of all images).
+    order its ``_velocity`` splits the fused output), ``schedule_time_embedding`` and
+    ``_condition_embedding`` (the two parts of every step's condition), and one Euler step's
+    velocity twice: ``_fused_step`` (sampling on a kernel backend: fused-GEMM launches, the
+    Euler step in the last one) and ``_embed_input`` + ``_velocity`` (autograd and the torch
+    backend). Activations of one velocity evaluation are laid out as (G, R, W): G = 2 groups
+    ([uncond; cond]) with CFG or 1, R rows per group (tokens of all images).
     """
 
-    backend: str = "torch"
-
     def prepare_fast(self, backend: str) -> None:
-        self.backend = backend
+        super().prepare_fast(backend)
         self.modulation = FusedLinear(self._modulated_linears())
 
-    def release_fast(self) -> None:
-        for name in ("backend", "modulation"):
-            self.__dict__.pop(name, None)
+    def _fast_state(self) -> Tuple[str, ...]:
+        return ("modulation",)
 
     def sample(self, z: torch.Tensor, noise: torch.Tensor, schedule: FlowSchedule, cfg: float = 1.0) -> torch.Tensor:
         """The head's Euler sampling loop (as :func:`nitro_ar.heads.sample_head`), step-invariant
@@ -123,7 +126,8 @@ class _FastFlowHead:
             z: conditions, (N, Dz) (MLP head) or (B, L, Dz) (transformer head); [uncond; cond]
                 (2N or 2B rows) when ``cfg != 1``.
             noise: starting latents, (N, C) or (B, L, C).
-            schedule: timesteps and sigmas (e.g. :func:`nitro_ar.schedules.head_schedule`).
+            schedule: timesteps and sigmas (e.g. :func:`nitro_ar.schedules.head_schedule`), and
+                optionally this head's ``schedule_time_embedding`` of its timesteps.
             cfg: guidance weight; ``v = v_u + cfg (v_c - v_u)``.
         Returns:
             Sampled tokens shaped like ``noise``, in z's dtype.
@@ -131,19 +135,37 @@ class _FastFlowHead:
         check_head_inputs(z, noise, cfg)
         groups = 2 if cfg != 1.0 else 1
         x = noise.to(device=z.device, dtype=z.dtype)
-        # (S, G, R, W): SiLU of the condition of every step, for every row.
-        conditions = self._step_conditions(z.unflatten(0, (groups, z.shape[0] // groups)),
-                                           schedule.timesteps.to(z.device), getattr(schedule, "step_size", None))
-        per_step = conditions[0].numel() // conditions.shape[-1] * self.modulation.weight.shape[0]
-        steps_per_gemm = max(1, MODULATION_BUDGET // max(per_step, 1))
+        # (G, R, W): the step-invariant part of every row's condition.
+        conditions = self._condition_embedding(z.unflatten(0, (groups, z.shape[0] // groups)),
+                                               getattr(schedule, "step_size", None))
+        t_emb = schedule.time_embedding
+        if t_emb is None:
+            t_emb = self.schedule_time_embedding(schedule.timesteps.to(z.device), conditions.dtype)
+        fused = ops.fused_path(self.backend, self, z, noise)
+        width, total = conditions.shape[-1], self.modulation.weight.shape[0]
+        steps_per_gemm = max(1, MODULATION_BUDGET // max(conditions.numel() // width * total, 1))
         tokens = noise.shape[1] if noise.dim() == 3 else 1
         sigmas = schedule.sigmas.to(z.device)  # read in place by the fused step: no host sync per step
         for start in range(0, len(schedule), steps_per_gemm):
-            for step, modulation in enumerate(self.modulation(conditions[start : start + steps_per_gemm]), start):
+            steps = t_emb[start : start + steps_per_gemm]
+            if fused:  # SiLU(t_emb + condition) is the modulation GEMM's prologue
+                rows = conditions.reshape(1, -1, width).expand(len(steps), -1, -1)
+                modulations = ops.linear(rows, *self.modulation.fused(), backend=self.backend,
+                                         prologue=ops.AddSiLUPrologue(steps[:, None, :]))
+                modulations = modulations.view(len(steps), *conditions.shape[:-1], total)
+            else:
+                modulations = self.modulation(F.silu(steps[:, None, None, :] + conditions))
+            for step, modulation in enumerate(modulations, start):  # (G, R, T) each
+                if fused:
+                    x = self._fused_step(x, modulation, sigmas[step], sigmas[step + 1], cfg, tokens)
+                    continue
                 v = self._velocity(self._embed_input(x), modulation, tokens)  # (G, R, C)
                 v = v.reshape(groups * x.shape[0], *x.shape[1:])
                 x = guided_flow_step(x, v, sigmas[step], sigmas[step + 1], cfg, self.backend)
         return x
+
+    def _flow_epilogue(self, x: torch.Tensor, sigma: torch.Tensor, sigma_next: torch.Tensor, cfg: float):
+        return ops.FlowEpilogue(x.reshape(-1, x.shape[-1]), sigma, sigma_next, cfg)
 
     def _modulated_norm(self, x, norm, **kwargs):
         return ops.modulated_norm(x, norm, backend=self.backend, **kwargs)
@@ -170,12 +192,35 @@ class FastMLPHead(_FastFlowHead, MLPHead):
         """(N, C) -> (1, N, W)."""
         return self.input_proj(x).unsqueeze(0)
 
-    def _step_conditions(self, z: torch.Tensor, timesteps: torch.Tensor, dt: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """z (G, N, Dz), timesteps (S,), a shortcut head's step size ``dt`` (0-dim, or None: d = 0)
-        -> SiLU(time_embed(t) + (cond_embed(z) [+ step_embed(dt)])): (S, G, N, W)."""
-        c_emb = _with_step_size(self, self.cond_embed(z), dt)
-        t_emb = self.time_embed(timesteps, dtype=c_emb.dtype)
-        return F.silu(t_emb[:, None, None, :] + c_emb)
+    def schedule_time_embedding(self, timesteps: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """time_embed of a schedule's timesteps (S,) -> (S, W) in ``dtype``: the same for every
+        row and AR step, so :meth:`NitroAR.generate` computes it once per call."""
+        return self.time_embed(timesteps, dtype=dtype)
+
+    def _condition_embedding(self, z: torch.Tensor, dt: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """z (G, N, Dz), a shortcut head's step size ``dt`` (0-dim, or None: d = 0) ->
+        cond_embed(z) [+ step_embed(dt)]: (G, N, W)."""
+        return _with_step_size(self, self.cond_embed(z), dt)
+
+    def _fused_step(self, x: torch.Tensor, modulation: torch.Tensor, sigma: torch.Tensor, sigma_next: torch.Tensor,
+                    cfg: float, tokens: int) -> torch.Tensor:
+        """One Euler step in ``2 D + 2`` launches: input_proj; per block the first GEMM with
+        LayerNorm + modulation as prologue and SiLU as epilogue, the second with the gated
+        residual as epilogue; the final layer (norm + modulation, GEMM) with the guided Euler
+        step as epilogue. x (N, C), modulation (G, N, T) -> x_new (N, C)."""
+        backend, width, depth = self.backend, self.input_proj.out_features, len(self.res_blocks)
+        chunks = modulation.split(width, dim=-1)
+        h = self.input_proj(x).unsqueeze(0).expand(modulation.shape[0], -1, -1)  # CFG rows share it
+        for index, block in enumerate(self.res_blocks):
+            shift, scale, gate = chunks[3 * index : 3 * index + 3]
+            up, down = block.mlp[0], block.mlp[2]
+            hidden = ops.linear(h, up.weight, up.bias, backend=backend, activation="silu",
+                                prologue=ops.norm_prologue(block.in_ln, shift=shift, scale=scale))
+            h = ops.linear(hidden, down.weight, down.bias, backend=backend, residual=h, gate=gate)
+        final = self.final_layer
+        prologue = ops.norm_prologue(final.norm_final, shift=chunks[3 * depth], scale=chunks[3 * depth + 1])
+        return ops.linear(h, final.linear.weight, final.linear.bias, backend=backend, prologue=prologue,
+                          flow=self._flow_epilogue(x, sigma, sigma_next, cfg))
 
     def _velocity(self, h: torch.Tensor, modulation: torch.Tensor, tokens: int) -> torch.Tensor:
         """h (1 or G, N, W) (shared rows broadcast), modulation (G, N, T) -> v (G, N, C).
@@ -203,17 +248,9 @@ class FastMLPHead(_FastFlowHead, MLPHead):
 # --------------------------------------------------------------------------------------------
 # Transformer head (joint_gan)
 # --------------------------------------------------------------------------------------------
-class FastHeadAttention(HeadAttention):
+class FastHeadAttention(ops.DropIn, HeadAttention):
     """:class:`HeadAttention` reading q/k/v in place from the qkv projection; the fused
     attention's (B, L, H, d) output is the output projection's (B, L, H * d) input."""
-
-    backend: str = "torch"
-
-    def prepare_fast(self, backend: str) -> None:
-        self.backend = backend
-
-    def release_fast(self) -> None:
-        self.__dict__.pop("backend", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (B, L, W) -> (B, L, W)."""
@@ -221,19 +258,16 @@ class FastHeadAttention(HeadAttention):
         return self.proj(ops.self_attention(q, k, v, backend=self.backend).flatten(2))
 
 
-class FastTransformerHeadBlock(TransformerHeadBlock):
+class FastTransformerHeadBlock(ops.DropIn, TransformerHeadBlock):
     """:class:`TransformerHeadBlock` with fused modulated RMSNorms (the attention's gated
     residual fused into norm2) and one GEMM for SwiGLU's ``fc1_g`` and ``fc1_x``."""
 
-    backend: str = "torch"
-
     def prepare_fast(self, backend: str) -> None:
-        self.backend = backend
+        super().prepare_fast(backend)
         self.mlp_in = FusedLinear([self.mlp.fc1_g, self.mlp.fc1_x])
 
-    def release_fast(self) -> None:
-        for name in ("backend", "mlp_in"):
-            self.__dict__.pop(name, None)
+    def _fast_state(self) -> Tuple[str, ...]:
+        return ("mlp_in",)
 
     def modulation_chunks(self, modulation: torch.Tensor) -> Tuple[torch.Tensor, ...]:
         """(..., 6W) -> (g1, g2, s1, s2, b1, b2), views of (..., W)."""
@@ -284,12 +318,53 @@ class FastTransformerHead(_FastFlowHead, TransformerHead):
             h = h + self.pos_embed_lv0
         return h.reshape(1, -1, h.shape[-1])
 
-    def _step_conditions(self, z: torch.Tensor, timesteps: torch.Tensor, dt: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """z (G, B, L, Dz), timesteps (S,), step size ``dt`` as for the MLP head -> SiLU(t_norm(t_emb)
-        + (c_norm(cond_embed(z)) [+ step_embed(dt)])): (S, G, B * L, W)."""
-        c_emb = _with_step_size(self, self.c_norm(self.cond_embed(z)).flatten(1, 2), dt)
-        t_emb = self.t_norm(self.time_embed(timesteps, c_emb.dtype))
-        return F.silu(t_emb[:, None, None, :] + c_emb)
+    def schedule_time_embedding(self, timesteps: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """t_norm(time_embed(t)) of a schedule's timesteps (S,) -> (S, W) in ``dtype`` (computed
+        once per :meth:`NitroAR.generate` call)."""
+        return self.t_norm(self.time_embed(timesteps, dtype))
+
+    def _condition_embedding(self, z: torch.Tensor, dt: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """z (G, B, L, Dz), step size ``dt`` as for the MLP head -> c_norm(cond_embed(z))
+        [+ step_embed(dt)]: (G, B * L, W)."""
+        return _with_step_size(self, self.c_norm(self.cond_embed(z)).flatten(1, 2), dt)
+
+    def _fused_step(self, x: torch.Tensor, modulation: torch.Tensor, sigma: torch.Tensor, sigma_next: torch.Tensor,
+                    cfg: float, tokens: int) -> torch.Tensor:
+        """One Euler step in ``5 D + 2`` launches (``4 D + 2`` for one token, whose attention is
+        its value): input_proj with the position table as epilogue; per block the qkv GEMM with
+        RMSNorm + modulation as prologue, attention reading q/k/v in place, the output
+        projection with the gated residual as epilogue, SwiGLU's input GEMM with RMSNorm +
+        modulation as prologue and GELU(g) * v as epilogue, fc2 with the gated residual; the
+        final layer with the guided Euler step. x (B, L, C), modulation (G, R, T) -> (B, L, C)."""
+        backend, width, depth = self.backend, self.input_proj.out_features, len(self.res_blocks)
+        groups = modulation.shape[0]
+        if tokens > 1:
+            if tokens != self.pos_embed_lv0.shape[1]:
+                raise ValueError(f"transformer head takes {self.pos_embed_lv0.shape[1]} tokens or 1, got {tokens}")
+            h = ops.linear(x, self.input_proj.weight, self.input_proj.bias, backend=backend, residual=self.pos_embed_lv0)
+        else:
+            h = self.input_proj(x)
+        h = h.reshape(1, -1, width).expand(groups, -1, -1)  # CFG rows share it
+        for index, block in enumerate(self.res_blocks):
+            g1, g2, s1, s2, b1, b2 = block.modulation_chunks(modulation[..., 6 * width * index : 6 * width * (index + 1)])
+            norm1 = ops.norm_prologue(block.norm1, shift=b1, scale=s1)
+            attn = block.attn
+            if tokens == 1:  # softmax over one key is exactly 1: the attention is v
+                out = ops.linear(h, attn.qkv.weight[2 * width :], None, backend=backend, prologue=norm1)
+            else:
+                qkv = ops.linear(h, attn.qkv.weight, None, backend=backend, prologue=norm1)
+                q, k, v = qkv.view(-1, tokens, 3, attn.heads, attn.head_dim).unbind(2)
+                out = ops.self_attention(q, k, v, backend=backend).view(h.shape)
+            h = ops.linear(out, attn.proj.weight, attn.proj.bias, backend=backend, residual=h, gate=g1)
+            hidden = ops.linear(h, *block.mlp_in.fused(), backend=backend, activation="gelu_mul",
+                                prologue=ops.norm_prologue(block.norm2, shift=b2, scale=s2))
+            h = ops.linear(hidden, block.mlp.fc2.weight, block.mlp.fc2.bias, backend=backend, residual=h, gate=g2)
+        final = self.final_layer
+        shift, scale = modulation[..., 6 * width * depth :].split(width, dim=-1)
+        out = ops.linear(h, final.linear.weight, final.linear.bias, backend=backend,
+                         prologue=ops.norm_prologue(final.norm_final, shift=shift, scale=scale),
+                         flow=self._flow_epilogue(x, sigma, sigma_next, cfg))
+        return out.view(x.shape)
 
     def _velocity(self, h: torch.Tensor, modulation: torch.Tensor, tokens: int) -> torch.Tensor:
         """h (1 or G, R, W) (shared rows broadcast), modulation (G, R, T), R = images x ``tokens``
@@ -322,70 +397,3 @@ FAST_HEAD_CLASSES: Dict[Type[nn.Module], Type[nn.Module]] = {
     TransformerHeadBlock: FastTransformerHeadBlock,
     HeadAttention: FastHeadAttention,
 }
-
-
-# --------------------------------------------------------------------------------------------
-# Launch counting
-# --------------------------------------------------------------------------------------------
-_ALLOCATIONS = {
-    torch.ops.aten.empty.memory_format, torch.ops.aten.empty_strided.default, torch.ops.aten.empty_like.default,
-    torch.ops.aten.new_empty.default, torch.ops.aten.new_empty_strided.default,
-    torch.ops.aten._local_scalar_dense.default, torch.ops.aten.lift_fresh.default, torch.ops.aten._unsafe_view.default,
-}
-
-
-class _AtenLaunches(TorchDispatchMode):
-    """Counts aten ops that compute (not views, allocations or host scalar reads)."""
-
-    def __init__(self):
-        super().__init__()
-        self.launches = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if not func.is_view and func not in _ALLOCATIONS:
-            self.launches += 1
-        return func(*args, **(kwargs or {}))
-
-
-def _count_device_kernels(fn: Callable[[], object], device: torch.device) -> int:
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize(device)
-    return sum(1 for event in prof.events() if event.device_type == torch.autograd.DeviceType.CUDA)
-
-
-def count_launches(fn: Callable[[], object], device: torch.device) -> int:
-    """Kernel launches of one call of ``fn`` whose work runs on ``device``.
-
-    On a GPU (CUDA or ROCm): the device kernels, copies and memsets the profiler records. On
-    CPU: the aten ops that compute (views, allocations and host scalar reads excluded; each
-    would be a kernel on a GPU) plus every Triton interpreter launch (the aten ops the
-    interpreter runs to stage a launch's arguments are not counted).
-    """
-    device = torch.device(device)
-    if device.type == "cuda":
-        return _count_device_kernels(fn, device)
-    counter = _AtenLaunches()
-    if not (triton_available() and interpreter_requested()):
-        with counter:
-            fn()
-        return counter.launches
-    from triton.runtime.interpreter import InterpretedFunction
-
-    launch = InterpretedFunction.run
-
-    def counted_launch(kernel, *args, **kwargs):
-        if not kwargs.get("warmup"):
-            counter.launches += 1
-        with _disable_current_modes():
-            return launch(kernel, *args, **kwargs)
-
-    InterpretedFunction.run = counted_launch
-    try:
-        with counter:
-            fn()
-    finally:
-        InterpretedFunction.run = launch
-    return counter.launches

@@ -10,19 +10,40 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
 from ..kernels import reference
-from ..kernels.backend import KERNEL_BACKENDS, KERNEL_DTYPES, fallback_warning, kernel_runs
+from ..kernels.backend import KERNEL_BACKENDS, KERNEL_DTYPES, fallback_warning, kernel_runs, requested_gemm_path
+from ..kernels.reference import AddSiLUPrologue, FlowEpilogue, LinearProblem, NormPrologue
 from ..layers import norm_spec
 
-__all__ = ["KERNEL_BACKENDS", "KERNEL_DTYPES", "fallback_warning", "norm_spec", "modulated_norm",
-           "joint_attention", "qk_rms_norm", "self_attention"]
+__all__ = ["DropIn", "KERNEL_BACKENDS", "KERNEL_DTYPES", "fallback_warning", "norm_spec", "modulated_norm",
+           "joint_attention", "qk_rms_norm", "self_attention", "LinearProblem", "NormPrologue", "AddSiLUPrologue",
+           "FlowEpilogue", "norm_prologue", "linear", "linear_group", "fused_path"]
 
 logger = logging.getLogger("nitro_ar")
+
+
+class DropIn:
+    """The fast-path state every drop-in keeps: the backend it runs on, set by
+    :func:`nitro_ar.fast.swap_classes` (``prepare_fast``) and dropped on restore
+    (``release_fast``). Drop-ins with more state (fused weights) extend both."""
+
+    backend: str = "torch"
+
+    def prepare_fast(self, backend: str) -> None:
+        self.backend = backend
+
+    def release_fast(self) -> None:
+        for name in ("backend", *self._fast_state()):
+            self.__dict__.pop(name, None)
+
+    def _fast_state(self) -> Tuple[str, ...]:
+        """Names of the attributes ``prepare_fast`` adds beyond ``backend``."""
+        return ()
 
 
 def modulated_norm(
@@ -137,3 +158,56 @@ def self_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, backend
 
         return fused(q, k, v, backend=backend)
     return reference.self_attention(q, k, v)
+
+
+# --------------------------------------------------------------------------------------------
+# Linear layers with fused neighbours (kernel: fused_linear)
+# --------------------------------------------------------------------------------------------
+def fused_path(backend: str, module: nn.Module, *tensors: Optional[torch.Tensor]) -> bool:
+    """Whether ``module`` runs its fused-GEMM structure for these inputs: a kernel backend, GEMMs
+    not forced to the library (``NITRO_AR_GEMM=library``), no autocast, no autograd graph to build.
+    Otherwise it runs the structure whose every kernel has a backward (:func:`modulated_norm`
+    with the residual fused into the norm, library GEMMs, attention): training, differentiable
+    sampling, the torch backend. Within the fused structure each launch still takes the tuned
+    path of its shape bucket (:func:`nitro_ar.kernels.fused_linear.gemm_path`)."""
+    if backend not in KERNEL_BACKENDS or requested_gemm_path() == "library":
+        return False
+    # Under autocast eager casts each GEMM's operands; the fused launches take one dtype.
+    device_type = tensors[0].device.type if tensors and tensors[0] is not None else "cpu"
+    if device_type in ("cuda", "cpu") and torch.is_autocast_enabled(device_type):
+        return False
+    if not torch.is_grad_enabled():
+        return True
+    return not any(t is not None and t.requires_grad for t in (*tensors, *module.parameters()))
+
+
+def norm_prologue(norm: nn.Module, *, shift=None, scale=None, adaln=None) -> NormPrologue:
+    """The :class:`NormPrologue` of a norm module (``nn.LayerNorm`` or ``RMSNorm``) with its
+    modulation (per token / per batch tensors, or the shift and scale chunks of ``adaln``)."""
+    kind, eps, weight, bias = norm_spec(norm)
+    return NormPrologue(kind, eps, weight, bias, shift, scale, adaln)
+
+
+def linear_group(problems: Sequence[LinearProblem], *, backend: str, activation: Optional[str] = None,
+                 flow: Optional[FlowEpilogue] = None) -> List[torch.Tensor]:
+    """Up to two GEMMs with fused prologue / epilogue in one launch
+    (:func:`nitro_ar.kernels.fused_linear.grouped_linear`); the eager reference on other
+    backends and for dtypes the kernel does not take. Returns each problem's output."""
+    tensors = [t for p in problems for t in (p.x, p.weight, p.residual)]
+    if kernel_runs("fused_linear", backend, tensors):
+        from ..kernels.fused_linear import grouped_linear
+
+        return grouped_linear(problems, activation=activation, flow=flow, backend=backend)
+    results = []
+    for p in problems:
+        y = reference.fused_linear(p.x, p.weight, p.bias, prologue=p.prologue, activation_kind=activation,
+                                   residual=p.residual, gate=p.gate, flow=flow)
+        results.append(y if p.out is None else p.out.copy_(y))
+    return results
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *, backend: str,
+           activation: Optional[str] = None, flow: Optional[FlowEpilogue] = None, **problem) -> torch.Tensor:
+    """One GEMM with fused prologue / epilogue: :func:`linear_group` of one problem."""
+    return linear_group([LinearProblem(x, weight, bias, **problem)], backend=backend, activation=activation,
+                        flow=flow)[0]
