@@ -52,7 +52,7 @@ import triton
 import triton.language as tl
 
 from . import reference
-from .backend import KERNEL_BACKENDS, requested_gemm_path, select_backend
+from .backend import KERNEL_BACKENDS, DeviceInfo, device_info, requested_gemm_path, select_backend
 from .errors import KernelInputError
 from .launch import ConfigTable, ConfigTables, needs_int64, storage_span
 from .offsets import widen
@@ -417,18 +417,26 @@ def problem_shape(plan: "_Plan") -> dict:
                 fusion=_fusion_name(plan))
 
 
-def gemm_path(plan: "_Plan", device: torch.device) -> str:
-    """``"fused"`` or ``"library"`` for one launch: ``NITRO_AR_GEMM`` when set, else the tuned
-    choice of its bucket on ``device``; untuned, the fused path (at sampling batch sizes a GEMM
-    is microseconds and the launches it saves dominate)."""
+def _fused_config(plan: "_Plan", device: Union[torch.device, DeviceInfo]) -> Optional[dict]:
+    """The fused kernel's launch config for this launch, or None for the library path:
+    ``NITRO_AR_GEMM`` when set, else the tuned choice of its bucket on ``device``; untuned, the
+    fused path (at sampling batch sizes a GEMM is microseconds and the launches it saves
+    dominate). Forced to fuse where tuning chose the library, the arch's default config runs."""
     requested = requested_gemm_path()
-    if requested is not None:
-        return requested
-    return "library" if _config(plan, device).get("LIBRARY") else "fused"
+    if requested == "library":
+        return None
+    config = get_config("fused_linear", device, tuning_bucket(problem_shape(plan)))
+    if not config.get("LIBRARY"):
+        return config
+    if requested is None:
+        return None
+    info = device if isinstance(device, DeviceInfo) else device_info(device)
+    return CONFIGS.default(info.vendor, info.arch)
 
 
-def _config(plan: "_Plan", device: torch.device) -> dict:
-    return get_config("fused_linear", device, tuning_bucket(problem_shape(plan)))
+def gemm_path(plan: "_Plan", device: Union[torch.device, DeviceInfo]) -> str:
+    """``"fused"`` or ``"library"``: the path one launch takes on ``device`` (:func:`_fused_config`)."""
+    return "library" if _fused_config(plan, device) is None else "fused"
 
 
 def launch_plan(plan: "_Plan", block_m: int, block_n: int) -> Tuple[Tuple[int], int, int]:
@@ -768,15 +776,6 @@ def _prepare(problems: Sequence[LinearProblem], activation: Optional[str], flow:
 # --------------------------------------------------------------------------------------------
 # Public functions
 # --------------------------------------------------------------------------------------------
-def _reference(problem: LinearProblem, activation: Optional[str], flow: Optional[FlowEpilogue]) -> torch.Tensor:
-    result = reference.fused_linear(problem.x, problem.weight, problem.bias, prologue=problem.prologue,
-                                    activation_kind=activation, residual=problem.residual, gate=problem.gate, flow=flow)
-    if problem.out is None:
-        return result
-    problem.out.copy_(result)
-    return problem.out
-
-
 def _library(problem: LinearProblem, entry: "_Canonical", activation: Optional[str], flow: Optional[FlowEpilogue],
              backend: str) -> torch.Tensor:
     """The library path of one problem: the norm prologue through the modulated-norm kernel, the
@@ -841,13 +840,10 @@ def grouped_linear(problems: Sequence[LinearProblem], *, activation: Optional[st
     device = canonical[0].x.device
     backend = select_backend(device, backend)
     if backend not in KERNEL_BACKENDS:
-        return [_reference(p, activation, flow) for p in problems]
-    if config is None:
-        library = _needs_grad(problems, flow) or gemm_path(plan, device) == "library"
-        config = None if library else _config(plan, device)
-    else:
-        library = bool(config.get("LIBRARY"))
-    if library:
+        return reference.linear_problems(problems, activation, flow)
+    if config is None and not _needs_grad(problems, flow):
+        config = _fused_config(plan, device)
+    if config is None or config.get("LIBRARY"):
         return [_library(p, entry, activation, flow, backend) for p, entry in zip(problems, canonical)]
     _launch(plan, canonical, flow, config)
     results = []

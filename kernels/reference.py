@@ -9,7 +9,7 @@ in fp32, where it casts back, the order of the operations.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +37,7 @@ __all__ = [
     "ACTIVATIONS",
     "activation",
     "fused_linear",
+    "linear_problems",
 ]
 
 
@@ -405,3 +406,14 @@ def fused_linear(
     if isinstance(gate, AdaLNAffine):
         gate = adaln_affine(gate.temb, gate.bias, gate.scale)[:, gate.gate_chunk]
     return residual + (y if gate is None else _against(y, gate) * y)
+
+
+def linear_problems(problems: Sequence[LinearProblem], activation_kind: Optional[str] = None,
+                    flow: Optional[FlowEpilogue] = None) -> List[torch.Tensor]:
+    """:func:`fused_linear` of each :class:`LinearProblem`, written into its ``out`` when given."""
+    results = []
+    for p in problems:
+        y = fused_linear(p.x, p.weight, p.bias, prologue=p.prologue, activation_kind=activation_kind,
+                         residual=p.residual, gate=p.gate, flow=flow)
+        results.append(y if p.out is None else p.out.copy_(y))
+    return results

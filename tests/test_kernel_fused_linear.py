@@ -251,6 +251,9 @@ def test_tuned_library_choice_is_honoured(tmp_path, monkeypatch):
             assert fl.gemm_path(plan, info) == "fused"
         tuning.store_configs(info, {"fused_linear": {bucket: {"config": dict(fl.LIBRARY), "ms": 0.01}}})
         assert fl.gemm_path(plan, info) == "library"
+        # Forced to fuse over a tuned library choice, the arch's default launch config runs.
+        monkeypatch.setenv(ENV_GEMM, "fused")
+        assert fl._fused_config(plan, info) == fl.default_config("fused_linear", "cuda", "sm_90")
     finally:
         tuning.clear_cache()
 

@@ -16,6 +16,7 @@ would be one GPU kernel) or a Triton launch.
 from __future__ import annotations
 
 import importlib
+import os
 from contextlib import ExitStack
 from typing import Callable, Optional, Tuple
 from unittest import mock
@@ -144,8 +145,6 @@ def work_per_image(family: str, impl: str, batch: int = 1) -> dict:
         batch: images per call (kernels are divided by it).
     Steps are AR steps (Nitro-AR) or Euler steps (Nitro-E); ``kernels_per_step`` is per call.
     """
-    import os
-
     from .. import NitroAR, NitroARConfig, NitroE, NitroEConfig
     from ..kernels.backend import ENV_GEMM
     from . import swap_classes

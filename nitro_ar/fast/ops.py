@@ -198,12 +198,7 @@ def linear_group(problems: Sequence[LinearProblem], *, backend: str, activation:
         from ..kernels.fused_linear import grouped_linear
 
         return grouped_linear(problems, activation=activation, flow=flow, backend=backend)
-    results = []
-    for p in problems:
-        y = reference.fused_linear(p.x, p.weight, p.bias, prologue=p.prologue, activation_kind=activation,
-                                   residual=p.residual, gate=p.gate, flow=flow)
-        results.append(y if p.out is None else p.out.copy_(y))
-    return results
+    return reference.linear_problems(problems, activation, flow)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *, backend: str,
